@@ -1,0 +1,1 @@
+"""Backends: torch chunked (any device) and Triton kernels (CUDA, or the interpreter)."""

@@ -1,0 +1,63 @@
+"""IWConfig: the importance-weighting options of the loss (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MODES = ("sft", "token", "sequence")
+
+# Clip defaults per mode: (w_min, w_max).
+_DEFAULT_BOUNDS = {"sft": (0.0, math.inf), "token": (0.2, 1.8), "sequence": (0.0, 16.0)}
+
+
+@dataclass(frozen=True)
+class IWConfig:
+    """How the importance weights are formed from the log-ratio d_i = logp_i - ref_i.
+
+    mode:
+      "sft"      w = 1 (plain cross-entropy; the drop-in memory-saving mode).
+      "token"    w_i = clamp(exp(T * d_i), w_min, w_max)             (defaults 0.2, 1.8)
+      "sequence" w_s = clamp(exp(T * mean_{i in s} d_i), w_min, w_max) (defaults 0.0, 16.0)
+                 (``length_normalize=False``: the sum replaces the mean).
+    self_normalize: rescale the batch's weights to mean 1 (over valid sequences; token mode:
+      over target tokens) before the optional per-sequence quality multiplier is applied.
+    w_min / w_max left as None take the mode's defaults above.
+    """
+
+    mode: str = "sequence"
+    temperature: float = 1.0
+    w_min: float | None = None
+    w_max: float | None = None
+    length_normalize: bool = True
+    self_normalize: bool = False
+    _bounds: tuple = field(init=False, repr=False, compare=False, default=(0.0, math.inf))
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"IWConfig.mode must be one of {MODES}, got {self.mode!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"IWConfig.temperature must be a finite number > 0, got {t!r}")
+        lo_default, hi_default = _DEFAULT_BOUNDS[self.mode]
+        lo = lo_default if self.w_min is None else self.w_min
+        hi = hi_default if self.w_max is None else self.w_max
+        for name, v in (("w_min", lo), ("w_max", hi)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"IWConfig.{name} must be a number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"IWConfig.{name} must be >= 0, got {v!r}")
+        if lo > hi:
+            raise ValueError(f"IWConfig.w_min ({lo}) must be <= w_max ({hi})")
+        if lo == math.inf:
+            raise ValueError("IWConfig.w_min must be finite")
+        object.__setattr__(self, "_bounds", (float(lo), float(hi)))
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The effective (w_min, w_max) after mode defaults."""
+        return self._bounds
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.mode != "sft"

@@ -1,0 +1,98 @@
+"""Naive reference of DESIGN.md §1: materialises the logits, float64-capable, for tests.
+
+Written independently of the fused path (plain loops over sequences, no chunking) so that it
+can serve as an oracle. Not for training: it allocates N x V.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import IWConfig
+
+
+def reference_iwsft(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=None, bias=None,
+                    quality=None, config=IWConfig(), ignore_index=-100, normalizer=None,
+                    dtype=torch.float64):
+    """Returns dict(loss, token_logprobs, token_weights, seq_weights). ``loss`` is
+    differentiable w.r.t. hidden/weight/bias (computed in ``dtype``)."""
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H).to(dtype)
+    y = labels.reshape(-1)
+    N = y.numel()
+    if cu_seqlens is not None:
+        bounds = [int(v) for v in cu_seqlens]
+    elif labels.dim() == 2:
+        T = labels.shape[1]
+        bounds = [b * T for b in range(labels.shape[0] + 1)]
+    else:
+        bounds = [0, N]
+    S = len(bounds) - 1
+
+    logits = h @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    logsm = torch.log_softmax(logits, dim=-1)
+    mask = y != ignore_index
+    safe_y = torch.where(mask, y, torch.zeros_like(y))
+    logp = logsm.gather(1, safe_y[:, None]).squeeze(1)  # differentiable
+    lp = logp.detach()
+
+    lo, hi = config.bounds
+    T_ = config.temperature
+    tw = torch.zeros(N, dtype=dtype)
+    sw = torch.zeros(S, dtype=dtype)
+    if config.mode != "sft":
+        d = lp - ref_logprobs.reshape(-1).to(dtype)
+
+    def clipped_exp(x):
+        # clamp in log space: exp(min(max(x, log lo), log hi))
+        lx = max(x, math.log(lo)) if lo > 0 else x
+        lx = min(lx, math.log(hi)) if hi < math.inf else lx
+        return math.exp(lx) if lx > -745 else 0.0
+
+    units = []  # (seq index, positions) for valid sequences
+    for s in range(S):
+        pos = [i for i in range(bounds[s], bounds[s + 1]) if bool(mask[i])]
+        if pos:
+            units.append((s, pos))
+    for s, pos in units:
+        if config.mode == "sft":
+            for i in pos:
+                tw[i] = 1.0
+        elif config.mode == "token":
+            for i in pos:
+                tw[i] = clipped_exp(T_ * float(d[i]))
+        else:
+            a = sum(float(d[i]) for i in pos)
+            if config.length_normalize:
+                a /= len(pos)
+            sw[s] = clipped_exp(T_ * a)
+            for i in pos:
+                tw[i] = sw[s]
+    if config.self_normalize and units:
+        if config.mode == "sequence":
+            mean = sum(float(sw[s]) for s, _ in units) / len(units)
+        else:
+            allpos = [i for _, pos in units for i in pos]
+            mean = sum(float(tw[i]) for i in allpos) / len(allpos)
+        if mean > 0:
+            tw = tw / mean
+            sw = sw / mean
+    if quality is not None:
+        for s, pos in units:
+            q = float(quality[s])
+            sw[s] = sw[s] * q
+            for i in pos:
+                tw[i] = tw[i] * q
+    if config.mode != "sequence":
+        for s, pos in units:
+            sw[s] = sum(float(tw[i]) for i in pos) / len(pos)
+
+    n_targets = int(mask.sum())
+    D = float(normalizer) if normalizer is not None else max(n_targets, 1)
+    loss = -(tw * torch.where(mask, logp, torch.zeros_like(logp))).sum() / D
+    return dict(loss=loss, token_logprobs=torch.where(mask, lp, 0.0), token_weights=tw,
+                seq_weights=sw)
