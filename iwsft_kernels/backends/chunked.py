@@ -38,7 +38,7 @@ class FusedResult:
 def rows_per_chunk(V: int, dtype: torch.dtype, chunk_bytes: int) -> int:
     """Rows whose logits fit the byte budget: an fp32 (m, V) chunk, plus a compute-dtype copy
     of it when the compute dtype is not fp32."""
-    per_row = V * (4 + (0 if dtype == torch.float32 else 2 * torch.finfo(dtype).bits // 8))
+    per_row = V * (4 + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8))
     return max(1, int(chunk_bytes) // per_row)
 
 

@@ -1,0 +1,92 @@
+"""Phase 1 kernel: per-row logsumexp and target logit of z = h W^T + b, no logits in memory.
+
+For a block of BLOCK_M rows and one split of the vocabulary, the program walks vocabulary
+tiles of BLOCK_N columns; each tile z[BLOCK_M, BLOCK_N] = sum_k h[:, k] W[n, k] is built in
+registers (fp32 accumulator over BLOCK_K steps), then folded into a running
+  m_i = max_j z_ij,   s_i = sum_j exp(z_ij - m_i)   (online logsumexp)
+and the target logit t_i = z_i[y_i] is picked out of the tile that holds column y_i.
+Partial (m, s, t) per split are written to (SPLITS, M) buffers and merged on the host side:
+  lse_i = max_s m_si + log sum_s s_si exp(m_si - max_s m_si),   t_i = sum_s t_si.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_configs import interpreting, lse_config, lse_num_splits
+
+
+@triton.jit
+def _lse_forward_kernel(
+    H, W, B, Y, M_out, S_out, T_out,
+    M, V, K, stride_hm, stride_wv, tiles_per_split, n_tiles,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    y = tl.load(Y + offs_m, mask=row_ok, other=-1)
+    h_rows = H + offs_m.to(tl.int64)[:, None] * stride_hm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s_i = tl.zeros([BLOCK_M], tl.float32)
+    t_i = tl.zeros([BLOCK_M], tl.float32)
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < V
+        w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wv
+        z = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            h = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter's 16-bit tl.dot is wrong (Triton 3.6)
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
+        if HAS_BIAS:
+            z += tl.load(B + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+        t_i += tl.sum(tl.where(offs_n[None, :] == y[:, None], z, 0.0), axis=1)
+    out = pid_s * M + offs_m
+    tl.store(M_out + out, m_i, mask=row_ok)
+    tl.store(S_out + out, s_i, mask=row_ok)
+    tl.store(T_out + out, t_i, mask=row_ok)
+
+
+def lse_forward(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor):
+    """lse (M,) and target logit t (M,), fp32, for h (M, H), W (V, H), y (M,) in [0, V)."""
+    M, K = h.shape
+    V = W.shape[0]
+    h = h.contiguous()
+    W = W.contiguous()
+    cfg = lse_config(W.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    m_blocks = triton.cdiv(M, bm)
+    n_tiles = triton.cdiv(V, bn)
+    splits = lse_num_splits(m_blocks, n_tiles, h.device)
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)  # every split gets >= 1 tile
+    part = torch.empty(3, splits, M, dtype=torch.float32, device=h.device)
+    if M:
+        _lse_forward_kernel[(m_blocks, splits)](
+            h, W, b if b is not None else h, y, part[0], part[1], part[2],
+            M, V, K, h.stride(0), W.stride(0), tiles_per_split, n_tiles,
+            HAS_BIAS=b is not None,
+            UPCAST=interpreting(), PRECISION="ieee" if W.dtype == torch.float32 else "tf32",
+            **cfg,
+        )
+    m, s, t = part
+    mx = m.amax(dim=0)
+    lse = mx + (s * torch.exp(m - mx)).sum(dim=0).log()
+    return lse, t.sum(dim=0)
