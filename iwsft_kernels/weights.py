@@ -24,6 +24,13 @@ class Weights:
     stats: dict
 
 
+def _clipped_exp(x: torch.Tensor, cfg: IWConfig) -> torch.Tensor:
+    """clamp(exp(x), w_min, w_max) computed without overflow: x is clamped at log(w_max) in
+    log space first; the final clamp makes the bounds exact (exp(log(1.8)) != 1.8 in fp32)."""
+    lo, hi = cfg.bounds
+    return torch.exp(x.clamp(max=_log_bounds(cfg)[1])).clamp(min=lo, max=hi)
+
+
 def _log_bounds(cfg: IWConfig) -> tuple[float, float]:
     lo, hi = cfg.bounds
     return (math.log(lo) if lo > 0 else -math.inf), (math.log(hi) if hi < math.inf else math.inf)
@@ -59,14 +66,14 @@ def compute_weights(
         unit_w = raw_row
     elif cfg.mode == "token":
         x = cfg.temperature * d
-        raw_row = torch.exp(x.clamp(min=log_lo, max=log_hi))
+        raw_row = _clipped_exp(x, cfg)
         unit_w = raw_row
     else:  # sequence
         agg = torch.zeros(S, dtype=torch.float32, device=dev).index_add_(0, seg, d)
         if cfg.length_normalize:
             agg = agg / counts.clamp(min=1)
         x_all = cfg.temperature * agg
-        raw_seq = torch.where(valid, torch.exp(x_all.clamp(min=log_lo, max=log_hi)), 0.0)
+        raw_seq = torch.where(valid, _clipped_exp(x_all, cfg), 0.0)
         raw_row = raw_seq[seg]
         unit_w = raw_seq[valid]
         x = x_all[valid]

@@ -85,8 +85,7 @@ def fused_linear_iw(ops, h, W, b, y, ref, seg, S, quality, cfg: IWConfig, D: flo
         if e <= s:
             continue
         hc, yc = h[s:e], y[s:e]
-        lse, t, state = ops.chunk_forward(ops.logits(hc, W, b), yc)
-        lp = (t - lse).clamp_(max=0.0)
+        lp, state = ops.chunk_forward(ops.logits(hc, W, b), yc)
         logp_all[s:e] = lp
         if coef is not None:
             c = coef[s:e]

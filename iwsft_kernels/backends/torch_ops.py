@@ -9,37 +9,68 @@ from __future__ import annotations
 import torch
 
 
+_MM_FP32_OUT: dict = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
+_UPCAST_BLOCK_BYTES = 32 * 2**20
+
+
+def chunk_logits(h, W, b):
+    """z = h W^T + b as an fp32 (m, V) tensor that the caller owns (may overwrite).
+
+    16-bit inputs: the product is accumulated in fp32 and *not* rounded to 16 bits (bf16
+    logits carry ~0.05 absolute error at |z| ~ 10, which wrecks peaked softmaxes). On CUDA
+    through torch.mm(..., out_dtype=float32) where torch has it; elsewhere by upcasting W one
+    vocabulary block at a time (no fp32 copy of W)."""
+    if h.dtype == torch.float32:
+        return h @ W.T if b is None else torch.addmm(b.float(), h, W.T)
+    dev = h.device.type
+    if dev == "cuda" and _MM_FP32_OUT.get(dev) is not False:
+        try:
+            z = torch.mm(h, W.T, out_dtype=torch.float32)
+            _MM_FP32_OUT[dev] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_FP32_OUT[dev] = False
+        else:
+            return z if b is None else z.add_(b)
+    if dev == "cuda":  # no fp32-output GEMM: bf16 logits (documented accuracy loss)
+        z = h @ W.T if b is None else torch.addmm(b, h, W.T)
+        return z.float()
+    m, V = h.shape[0], W.shape[0]
+    z = torch.empty(m, V, dtype=torch.float32, device=h.device)
+    hf = h.float()
+    step = max(1, _UPCAST_BLOCK_BYTES // (4 * W.shape[1]))
+    for v0 in range(0, V, step):
+        torch.mm(hf, W[v0:v0 + step].float().T, out=z[:, v0:v0 + step])
+    return z if b is None else z.add_(b)
+
+
 class TorchOps:
     name = "torch"
 
-    # -- logits of one chunk -------------------------------------------------------------
     def logits(self, h, W, b):
-        """z = h W^T + b as an fp32 (m, V) tensor that the caller owns (may be overwritten)."""
-        z = h @ W.T if b is None else torch.addmm(b, h, W.T)
-        return z if z.dtype == torch.float32 else z.float()
+        return chunk_logits(h, W, b)
 
     def logprobs(self, h, W, b, y, rows_per_chunk):
-        """logp_i = z_i[y_i] - lse_i for all rows, one chunk of logits at a time (no grad)."""
+        """logp_i = log_softmax(z_i)[y_i] for all rows, one chunk of logits at a time."""
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], rows_per_chunk):
             e = min(s + rows_per_chunk, h.shape[0])
-            lse, t, _ = self.chunk_forward(self.logits(h[s:e], W, b), y[s:e])
-            out[s:e] = t - lse
-        return out.clamp_(max=0.0)
+            out[s:e], _ = self.chunk_forward(self.logits(h[s:e], W, b), y[s:e])
+        return out
 
-    # -- one-pass chunk: lse, then the weighted softmax-minus-onehot gradient --------------
+    # -- one-pass chunk: logp, then the weighted softmax-minus-onehot gradient -----------
     def chunk_forward(self, z, y):
-        """Consumes z (fp32, owned). Returns (lse, t, state) where state lets softmax_grad
-        finish without recomputing: z now holds exp(z - max) and the row sums."""
+        """Consumes z (fp32, owned): z <- exp(z - max). Returns logp (m,) and the state that
+        softmax_grad finishes from. logp = (z_y - max) - log(sum): subtracting max first keeps
+        it exact when p_y -> 1 (z_y - lse would cancel at |z| * 2^-24)."""
         t = z.gather(1, y[:, None]).squeeze(1)
         mx = z.amax(dim=1)
         z.sub_(mx[:, None]).exp_()
         s = z.sum(dim=1)
-        return mx + s.log(), t, (z, s)
+        return ((t - mx) - s.log()).clamp_(max=0.0), (z, s)
 
     def softmax_grad(self, state, y, logp, coef, out_dtype):
-        """G = coef_i * (softmax_i - onehot(y_i)), fp32 arithmetic; the target entry is
-        coef_i * expm1(logp_i) (exact when p_y -> 1). Returns G in fp32 (owned, reused z)."""
+        """G = coef_i * (softmax_i - onehot(y_i)), fp32; the target entry is
+        coef_i * expm1(logp_i) (no cancellation when p_y -> 1). Returns G in fp32 (reuses z)."""
         e, s = state
         g = e.mul_((coef / s)[:, None])
         g.scatter_(1, y[:, None], (coef * torch.expm1(logp))[:, None])

@@ -6,7 +6,8 @@ registers (fp32 accumulator over BLOCK_K steps), then folded into a running
   m_i = max_j z_ij,   s_i = sum_j exp(z_ij - m_i)   (online logsumexp)
 and the target logit t_i = z_i[y_i] is picked out of the tile that holds column y_i.
 Partial (m, s, t) per split are written to (SPLITS, M) buffers and merged on the host side:
-  lse_i = max_s m_si + log sum_s s_si exp(m_si - max_s m_si),   t_i = sum_s t_si.
+  m_i = max_s m_si,  log s_i = log sum_s s_si exp(m_si - m_i),  t_i = sum_s t_si,
+  lse_i = m_i + log s_i,  logp_i = (t_i - m_i) - log s_i  (no cancellation when p_y -> 1).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _lse_forward_kernel(
 
 
 def lse_forward(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor):
-    """lse (M,) and target logit t (M,), fp32, for h (M, H), W (V, H), y (M,) in [0, V)."""
+    """lse (M,) and logp (M,) = log_softmax(z)[y], fp32, for h (M, H), W (V, H), y in [0, V)."""
     M, K = h.shape
     V = W.shape[0]
     h = h.contiguous()
@@ -88,5 +89,5 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: tor
         )
     m, s, t = part
     mx = m.amax(dim=0)
-    lse = mx + (s * torch.exp(m - mx)).sum(dim=0).log()
-    return lse, t.sum(dim=0)
+    log_s = (s * torch.exp(m - mx)).sum(dim=0).log()
+    return mx + log_s, ((t.sum(dim=0) - mx) - log_s).clamp_(max=0.0)

@@ -2,7 +2,7 @@
 
   logprobs          fused tile kernel (triton_lse.py): no logits in memory (phase 1 and
                     linear_logprobs)
-  logits            cuBLAS GEMM of one chunk, fp32 output where torch supports it on CUDA
+  logits            cuBLAS GEMM of one chunk, fp32 output (torch_ops.chunk_logits)
   chunk_forward     row logsumexp + target logit over the chunk (triton_epilogue.py)
   softmax_grad      G = c (softmax - onehot), fp32 arithmetic, written in the compute dtype
   grad_hidden       cuBLAS dH = G W
@@ -14,46 +14,26 @@ from __future__ import annotations
 import torch
 
 from . import triton_epilogue, triton_grad_weight, triton_lse
-
-_MM_FP32_OUT: dict = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
-
-
-def _mm_fp32_out(h, Wt):
-    ok = _MM_FP32_OUT.get(h.device.type)
-    if ok is not False:
-        try:
-            z = torch.mm(h, Wt, out_dtype=torch.float32)
-            _MM_FP32_OUT[h.device.type] = True
-            return z
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_FP32_OUT[h.device.type] = False
-    return None
+from .torch_ops import chunk_logits
 
 
 class TritonOps:
     name = "triton"
 
     def logprobs(self, h, W, b, y, rows_per_chunk):
-        lse, t = triton_lse.lse_forward(h, W, b, y)
-        return (t - lse).clamp_(max=0.0)
+        return triton_lse.lse_forward(h, W, b, y)[1]
 
     def logits(self, h, W, b):
-        z = None
-        if h.dtype != torch.float32 and h.device.type == "cuda":
-            z = _mm_fp32_out(h, W.T)
-            if z is not None and b is not None:
-                z += b
-        if z is None:
-            z = h @ W.T if b is None else torch.addmm(b, h, W.T)
-        return z
+        return chunk_logits(h, W, b)
 
     def chunk_forward(self, z, y):
-        lse, t = triton_epilogue.row_lse(z, y)
-        return lse, t, (z, lse)
+        lse, logp = triton_epilogue.row_lse(z, y)
+        return logp, (z, lse)
 
     def softmax_grad(self, state, y, logp, coef, out_dtype):
         z, lse = state
-        return triton_epilogue.softmax_grad(z, y, lse, coef, out_dtype)
+        # target entry c * (p_y - 1) = c * expm1(logp): exact when p_y -> 1
+        return triton_epilogue.softmax_grad(z, y, lse, coef, torch.expm1(logp), out_dtype)
 
     def grad_hidden(self, g, W):
         return g @ W

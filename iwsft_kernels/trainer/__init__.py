@@ -1,0 +1,10 @@
+"""`iwsft-train`: a thin accelerate trainer for iw-SFT (DESIGN.md §5).
+
+    from iwsft_kernels.trainer import TrainConfig, train
+    summary = train(TrainConfig(output_dir="outputs/demo"))
+"""
+
+from .config import TrainConfig
+from .loop import train
+
+__all__ = ["TrainConfig", "train"]

@@ -1,0 +1,136 @@
+"""Reference log-probs log q_ref(y_t | y_<t), computed once before training and cached on disk.
+
+Layout of a cache folder:
+  meta.json          fingerprint + its components (data, tokenizer, template, model, max_length)
+  batch-00017.pt     {"index": [positions in the tokenized data], "logprobs": [fp32 tensors]}
+  complete           written when every batch is there
+
+A cache whose fingerprint differs is refused (RefCacheMismatch names the differing parts); an
+interrupted precompute resumes: finished batch files are kept and skipped. Batches are cut from
+the examples sorted by length and dealt to ranks round-robin; every rank runs the same number
+of forward calls (FSDP/ZeRO-3 need that), a rank without work repeats a batch and drops it.
+The model forward runs with `return_logprobs_only=True`: linear_logprobs, no logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import TokenizedData, collate
+
+
+class RefCacheMismatch(RuntimeError):
+    pass
+
+
+class PrecomputeInterrupted(RuntimeError):
+    """Raised by the `_stop_after_batches` test hook."""
+
+
+def fingerprint_parts(data: TokenizedData, tokenizer, model_identity: str,
+                      max_length: int) -> dict:
+    tok_json = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") \
+        else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    sha = lambda s: hashlib.sha256(s.encode()).hexdigest()[:16]  # noqa: E731
+    return {
+        "data": data.fingerprint()[:16],
+        "tokenizer": sha(tok_json),
+        "template": sha(str(getattr(tokenizer, "chat_template", ""))),
+        "ref_model": model_identity,
+        "max_length": max_length,
+        "n_examples": len(data.examples),
+    }
+
+
+def model_identity(name: str, config, seed: int | None = None) -> str:
+    """Identity of a reference model: its name/path, config and (local dirs) weight file sizes;
+    for random-init models, the seed."""
+    h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
+    p = Path(name)
+    if p.is_dir():
+        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    suffix = f"|seed={seed}" if seed is not None else ""
+    return f"{name}|{h.hexdigest()[:16]}{suffix}"
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def compute_ref_logprobs(accelerator, model, data: TokenizedData, cache_dir: str | Path,
+                         parts: dict, pad_id: int, batch_size: int = 8,
+                         _stop_after_batches: int | None = None) -> list[torch.Tensor]:
+    """Per example, a (len(input_ids),) fp32 tensor aligned with its labels."""
+    cache = Path(cache_dir)
+    fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    meta = {"fingerprint": fp, "parts": parts, "batch_size": batch_size}
+    mfile = cache / "meta.json"
+    if mfile.exists():  # every rank checks, before anyone writes
+        old = json.loads(mfile.read_text())
+        if old.get("fingerprint") != fp or old.get("batch_size") != batch_size:
+            diff = {k: (old.get("parts", {}).get(k), v) for k, v in parts.items()
+                    if old.get("parts", {}).get(k) != v}
+            if old.get("batch_size") != batch_size:
+                diff["batch_size"] = (old.get("batch_size"), batch_size)
+            raise RefCacheMismatch(
+                f"reference log-prob cache {cache} was made for different inputs; differing "
+                f"(cached, now): {diff}. Delete it or pass another --ref-cache.")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not mfile.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        mfile.write_text(json.dumps(meta, indent=1))
+    accelerator.wait_for_everyone()
+
+    lengths = [len(ex.input_ids) for ex in data.examples]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    files = [cache / f"batch-{k:05d}.pt" for k in range(len(batches))]
+
+    if not (cache / "complete").exists():
+        done = [[f.exists() for f in files]]
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(done)  # one view of what is done, or ranks could disagree
+        todo = [k for k in range(len(batches)) if not done[0][k]]
+        rounds = [todo[j:j + world] for j in range(0, len(todo), world)]
+        model.eval()
+        from tqdm.auto import tqdm
+
+        for n_round, ks in enumerate(tqdm(rounds, desc="reference log-probs",
+                                          disable=not accelerator.is_local_main_process)):
+            if _stop_after_batches is not None and n_round * world >= _stop_after_batches:
+                raise PrecomputeInterrupted(f"stopped after {n_round * world} batches")
+            k = ks[rank] if rank < len(ks) else ks[0]
+            exs = [data.examples[i] for i in batches[k]]
+            b = collate(exs, pad_id)
+            b.pop("quality")
+            b = {n: t.to(accelerator.device) for n, t in b.items()}
+            lp = model(**b, return_logprobs_only=True).token_logprobs.float().cpu()
+            if rank < len(ks):
+                _atomic_save({"index": batches[k],
+                              "logprobs": [lp[j, : len(ex.input_ids)].clone()
+                                           for j, ex in enumerate(exs)]}, files[k])
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise RuntimeError(f"reference cache incomplete, missing {missing[:3]}")
+            (cache / "complete").write_text(fp)
+        accelerator.wait_for_everyone()
+
+    out: list[torch.Tensor | None] = [None] * len(data.examples)
+    for f in files:
+        part = torch.load(f, weights_only=True)
+        for i, lp in zip(part["index"], part["logprobs"]):
+            out[i] = lp
+    return out
