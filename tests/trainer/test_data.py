@@ -1,0 +1,117 @@
+"""Data: schemas, the assistant mask, truncation/skip reporting, bad inputs."""
+
+import json
+
+import pytest
+
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+from iwsft_kernels.trainer.config import ASSETS  # noqa: E402
+from iwsft_kernels.trainer.data import (  # noqa: E402
+    IGNORE,
+    DataError,
+    collate,
+    load_records,
+    tokenize_dataset,
+    tokenize_messages,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return transformers.AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+
+
+def ds(rows):
+    return datasets.Dataset.from_list(rows)
+
+
+def s1k_row(i=0, q=1.0):
+    return {"question": f"What is {i} + 1?", "deepseek_thinking_trajectory": f"Add one to {i}.",
+            "deepseek_attempt": f"The answer is {i + 1}.", "deepseek_grade": "Yes",
+            "gemini_thinking_trajectory": "g", "gemini_attempt": "g", "quality": q}
+
+
+def test_assistant_mask_starts_exactly_at_assistant_content(tok):
+    msgs = [{"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "The value is 5."}]
+    ids, labels, truncated = tokenize_messages(tok, msgs, 4096)
+    assert not truncated
+    first = next(t for t, y in enumerate(labels) if y != IGNORE)
+    # everything before is the prompt, ending with the Qwen assistant header
+    assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(ids[first:]) == "The value is 5.<|im_end|>\n"
+    assert all(y == IGNORE for y in labels[:first])
+    assert labels[first:] == ids[first:]
+
+
+def test_multi_turn_messages_train_every_assistant_turn(tok):
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+    ids, labels, _ = tokenize_messages(tok, msgs, 4096)
+    kept = tok.decode([i for i, y in zip(ids, labels) if y != IGNORE])
+    assert kept == "Hello.<|im_end|>\n4.<|im_end|>\n"
+
+
+def test_schemas_s1k_messages_pair(tok):
+    out = tokenize_dataset(ds([s1k_row(i) for i in range(3)]), tok, max_length=512)
+    assert len(out.examples) == 3 and out.examples[0].quality == 1.0
+    ex = out.examples[1]
+    text = tok.decode([i for i, y in zip(ex.input_ids, ex.labels) if y != IGNORE])
+    assert text == "<think>\nAdd one to 1.\n</think>\n\nThe answer is 2.<|im_end|>\n"
+    assert ex.n_targets == sum(y != IGNORE for y in ex.labels[1:])
+    pair = tokenize_dataset(ds([{"prompt": "a", "response": "b"}]), tok, max_length=64)
+    msgs = tokenize_dataset(ds([{"messages": [{"role": "user", "content": "a"},
+                                              {"role": "assistant", "content": "b"}]}]),
+                            tok, max_length=64)
+    assert pair.examples[0].input_ids == msgs.examples[0].input_ids
+    gem = tokenize_dataset(ds([s1k_row(0)]), tok, max_length=512, trace_source="gemini")
+    assert gem.examples[0].input_ids != out.examples[0].input_ids
+
+
+def test_bad_inputs_are_clear_errors(tok, tmp_path):
+    row = s1k_row()
+    del row["deepseek_attempt"]
+    with pytest.raises(DataError, match="missing columns.*deepseek_attempt"):
+        tokenize_dataset(ds([row]), tok, max_length=64)
+    with pytest.raises(DataError, match="unrecognised data schema"):
+        tokenize_dataset(ds([{"text": "x"}]), tok, max_length=64)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        tokenize_dataset(ds([s1k_row()]).select([]), tok, max_length=64)
+    with pytest.raises(DataError, match="quality.*>= 0"):
+        tokenize_dataset(ds([s1k_row(0, 1.0), s1k_row(1, -0.5)]), tok, max_length=64)
+    with pytest.raises(DataError, match="needs a 'quality' column"):
+        tokenize_dataset(ds([{"prompt": "a", "response": "b"}]), tok, max_length=64,
+                         need_quality=True)
+    with pytest.raises(DataError, match="does not exist"):
+        load_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_truncation_reported_and_promptonly_examples_skipped(tok, tmp_path):
+    long_q = {**s1k_row(0), "question": "word " * 200}
+    rows = [s1k_row(1), long_q, {**s1k_row(2), "deepseek_attempt": "x " * 100}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tokenize_dataset(load_records(str(path)), tok, max_length=64)
+    assert out.n_truncated == 2
+    assert [i for i, _ in out.skipped] == [1]
+    assert "no assistant tokens left after truncation" in out.skipped[0][1]
+    assert "1 skipped" in out.report() and "2 truncated" in out.report()
+    assert [ex.index for ex in out.examples] == [0, 2]
+    assert all(len(ex.input_ids) <= 64 for ex in out.examples)
+    with pytest.raises(DataError, match="no usable examples"):
+        tokenize_dataset(load_records(str(path)).select([1]), tok, max_length=64)
+
+
+def test_collate_padded_and_packed(tok):
+    out = tokenize_dataset(ds([s1k_row(i) for i in range(3)]), tok, max_length=512)
+    exs = out.examples
+    b = collate(exs, tok.pad_token_id)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+    assert b["attention_mask"].sum().item() == sum(len(e.input_ids) for e in exs)
+    p = collate(exs, tok.pad_token_id, packing=True)
+    assert p["input_ids"].shape[0] == 1 and (p["position_ids"] == 0).sum().item() == 3
