@@ -70,7 +70,14 @@ def load_records(source: str, split: str = "train"):
         if kind is None:
             raise DataError(f"unsupported data file type {path.suffix!r}: {path} (use .jsonl, "
                             f".json, .parquet or .csv)")
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        with path.open("rb") as f:
+            head = f.read(4096)
+        if kind in ("json", "csv") and not head.strip():
+            raise DataError(f"the dataset is empty: {path}")
+        try:
+            return datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:
+            raise DataError(f"could not read {path}: {type(e).__name__}: {e}") from e
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             ds = datasets.load_from_disk(str(path))

@@ -43,6 +43,14 @@ def _attn_impl(cfg: TrainConfig) -> str:
         return "sdpa"
 
 
+def check_model_name(name: str | None, what: str = "model") -> None:
+    """Fail early and clearly on a local-looking path that does not exist."""
+    if name and name != DEFAULT_MODEL and (name.startswith((".", "/", "~")) or os.sep in name
+                                           and name.count("/") > 1):
+        if not Path(name).expanduser().exists():
+            raise ModelLoadError(f"{what} path does not exist: {name}")
+
+
 def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
@@ -66,8 +74,7 @@ def load_model(name: str, cfg: TrainConfig):
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
         return model, model_identity(DEFAULT_MODEL, config, seed=cfg.seed)
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise ModelLoadError(f"model path does not exist: {name}")
+    check_model_name(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
                                                      attn_implementation=attn)
@@ -187,7 +194,8 @@ def train(cfg: TrainConfig) -> dict:
             log_with = "tensorboard"
         except ImportError:
             log_with = None
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no",
+    # cpu=True without CUDA: torchrun-launched CPU processes then form a gloo group (MULTI_CPU)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no",
                       gradient_accumulation_steps=cfg.grad_accum,
                       log_with=None if log_with in (None, "none") else log_with,
                       project_dir=str(out_dir))
@@ -197,6 +205,9 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model == DEFAULT_MODEL else 1e-5)
 
     # 1. data
+    for name, what in ((cfg.model, "model"), (cfg.ref_model, "ref_model"),
+                       (cfg.tokenizer, "tokenizer")):
+        check_model_name(name, what)
     tok = load_tokenizer(cfg)
     source = cfg.data or str(ASSETS / "s1k_tiny.jsonl")
     need_q = cfg.sampling == "quality" or cfg.quality_weight
@@ -223,7 +234,11 @@ def train(cfg: TrainConfig) -> dict:
                                         cross_entropy=False, fused_linear_cross_entropy=False)
     apply_iwsft_to_model(model, iw, backend=cfg.loss_backend)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.config.use_cache = False
 
     world = acc.num_processes
@@ -280,8 +295,12 @@ def train(cfg: TrainConfig) -> dict:
     # 5. train
     stop = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
     metrics_file = out_dir / "metrics.jsonl"
-    if acc.is_main_process:
+    if acc.is_main_process:  # keep only the metrics of steps before `start` (fresh run: none)
         out_dir.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (metrics_file.read_text().splitlines()
+                                  if metrics_file.exists() else [])
+                if line.strip() and json.loads(line)["step"] <= start]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
     n_targets = [ex.n_targets for ex in examples]
     model.train()
     bar = tqdm(total=total, initial=start, desc=f"iw-SFT ({iw.mode})",
@@ -304,8 +323,9 @@ def train(cfg: TrainConfig) -> dict:
                 acc.backward(out.loss * (cfg.grad_accum * world))
                 rows.append(_micro_stats(out, batch, iw.mode))
                 if acc.sync_gradients:
-                    gnorm = float(acc.clip_grad_norm_(
-                        model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+                    gn = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm
+                                             if cfg.max_grad_norm > 0 else math.inf)
+                    gnorm = float(gn) if gn is not None else float("nan")  # None: DeepSpeed
                 opt.step()
                 opt.zero_grad()
         sched.step()
