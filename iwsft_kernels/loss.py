@@ -66,8 +66,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def _ops(backend: str):
+def _ops(backend: str, device: torch.device | None = None):
     if backend == "torch":
+        if device is None or device.type == "cpu":  # native CPU epilogue when it loads
+            from .native import native_ops
+
+            ops = native_ops()
+            if ops is not None:
+                return ops
         return TorchOps()
     from .backends.triton_ops import TritonOps
 
@@ -281,7 +287,7 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     need_dw = grad_on and weight.requires_grad
     need_db = grad_on and bias is not None and bias.requires_grad
     H = weight.shape[1]
-    ops = _ops(be)
+    ops = _ops(be, hidden.device)
     holder = {}
 
     def run():
@@ -367,5 +373,5 @@ def linear_logprobs(hidden, weight, labels, bias=None, ignore_index: int = -100,
     h = h.to(weight.dtype)
     b = None if bias is None else bias.to(weight.dtype)
     rows = _chunk_rows(weight, chunk_bytes, weight.dtype)
-    logp = _ops(be).logprobs(h, weight, b, p.y, rows)
+    logp = _ops(be, hidden.device).logprobs(h, weight, b, p.y, rows)
     return _scatter(logp, p.idx, p.N)

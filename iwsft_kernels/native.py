@@ -1,0 +1,220 @@
+"""The native CPU epilogue (csrc/iwsft_epilogue.cpp): loading it, and the ops that use it.
+
+Where the compiled code comes from, first that works:
+1. ``iwsft_kernels._C``: built by setup.py when ``IWSFT_BUILD_NATIVE=1`` was set at install
+   time (a plain ``pip install -e .`` builds nothing, see setup.py);
+2. compiled on first use: one compiler call (``$CXX``, else ``c++``) against torch's headers,
+   no ninja and no pybind11 needed (the ops register through ``TORCH_LIBRARY`` and the
+   library is loaded with ``torch.ops.load_library``). The result is cached under
+   ``$TORCH_EXTENSIONS_DIR/iwsft_kernels`` or ``~/.cache/iwsft_kernels`` (``$XDG_CACHE_HOME``),
+   keyed by a hash of the source, flags, torch and Python versions: a process compiles at most
+   once, and later processes just load the cached library (~20 s for the compile on 2 cores).
+3. neither: :func:`load` returns None, the pure torch ops run, and one line on stderr says why.
+
+``IWSFT_NO_NATIVE=1`` disables the native path (the pure torch ops run, no notice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .backends.torch_ops import TorchOps
+
+_SRC = Path(__file__).resolve().parent.parent / "csrc" / "iwsft_epilogue.cpp"
+_UNSET = object()
+_state = {"lib": _UNSET, "error": None, "noticed": False, "origin": None}
+
+
+class NativeUnavailable(RuntimeError):
+    """The extension could not be found, built or loaded."""
+
+
+def disabled() -> bool:
+    return os.environ.get("IWSFT_NO_NATIVE", "0") not in ("", "0")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if base:
+        return Path(base) / "iwsft_kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "iwsft_kernels"
+
+
+def find_compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+    for c in ("c++", "g++", "clang++"):
+        p = shutil.which(c)
+        if p:
+            return p
+    return None
+
+
+def _cpu_flags() -> list[str]:
+    """-mavx2 -mfma where this CPU has them (x86 Linux); the cache key includes the flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return []
+    words = set(info.split())
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= words else []
+
+
+def _build_command(cxx: str, out: str) -> list[str]:
+    from torch.utils import cpp_extension as ce
+
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    # -fopenmp: at::parallel_for is inline and only runs in parallel when compiled with
+    # OpenMP (torch's wheel ships the libgomp it uses; -L below finds that one).
+    # -fno-trapping-math lets gcc if-convert, hence vectorise, the branch-free exp.
+    omp = "-fopenmp" if sys.platform.startswith("linux") else "-fopenmp-simd"
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", omp, "-fno-trapping-math", "-w",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *_cpu_flags()]
+    for inc in ce.include_paths("cpu"):
+        cmd += ["-isystem", inc]
+    cmd += [str(_SRC), "-o", out]
+    for lib in ce.library_paths("cpu"):
+        cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    cmd += ["-lc10", "-ltorch_cpu", "-ltorch"]
+    return cmd
+
+
+def _jit_build() -> Path:
+    if sys.platform not in ("linux", "darwin"):
+        raise NativeUnavailable(f"on-the-fly build not supported on {sys.platform}")
+    if not _SRC.is_file():
+        raise NativeUnavailable(f"source {_SRC} not found (not shipped with this install)")
+    cxx = find_compiler()
+    if cxx is None:
+        raise NativeUnavailable("no C++ compiler found (set CXX or install g++)")
+    probe = _build_command(cxx, "OUT")
+    key = hashlib.sha256()
+    key.update(_SRC.read_bytes())
+    key.update(repr((probe, torch.__version__, sys.version_info[:2],
+                     sysconfig.get_platform())).encode())
+    d = cache_dir()
+    lib = d / f"iwsft_epilogue_{key.hexdigest()[:16]}.so"
+    if lib.is_file():
+        return lib
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=d)
+    os.close(fd)
+    try:
+        try:
+            r = subprocess.run(_build_command(cxx, tmp), capture_output=True, text=True,
+                               timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NativeUnavailable(f"compiler {cxx} failed to run: {e}") from e
+        if r.returncode != 0:
+            err = (r.stderr or r.stdout).strip().splitlines()
+            first = next((ln for ln in err if "error" in ln), err[0] if err else "")
+            raise NativeUnavailable(f"compile failed ({cxx}): {first.strip()[:300]}")
+        os.replace(tmp, lib)  # atomic: concurrent builders both leave a valid library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load_impl():
+    if hasattr(torch.ops, "iwsft_native") and hasattr(torch.ops.iwsft_native, "chunk_forward"):
+        return "already registered"
+    try:
+        import importlib
+
+        importlib.import_module("iwsft_kernels._C")
+        return "iwsft_kernels._C"
+    except ImportError:
+        pass
+    lib = _jit_build()
+    try:
+        torch.ops.load_library(str(lib))
+    except Exception as e:  # noqa: BLE001
+        raise NativeUnavailable(f"could not load {lib}: {e}") from e
+    return str(lib)
+
+
+def load():
+    """``torch.ops.iwsft_native`` if the native epilogue is usable, else None (then one line
+    on stderr, once per process, says why). Builds it on first use if needed."""
+    if disabled():
+        return None
+    if _state["lib"] is _UNSET:
+        try:
+            _state["origin"] = _load_impl()
+            _state["lib"] = torch.ops.iwsft_native
+        except Exception as e:  # noqa: BLE001 — any failure means: run the pure torch path
+            _state["lib"] = None
+            _state["error"] = f"{type(e).__name__}: {e}" if not isinstance(
+                e, NativeUnavailable) else str(e)
+        if _state["lib"] is None and not _state["noticed"]:
+            _state["noticed"] = True
+            print(f"iwsft_kernels: native CPU epilogue unavailable, using the pure torch path "
+                  f"({_state['error']})", file=sys.stderr)
+    return _state["lib"]
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def load_error() -> str | None:
+    """Why :func:`load` returned None (None if it did not, or was not tried)."""
+    return _state["error"]
+
+
+def origin() -> str | None:
+    """Where the loaded extension came from (module name or library path)."""
+    return _state["origin"] if _state["lib"] not in (None, _UNSET) else None
+
+
+def _reset_for_tests():
+    _state.update(lib=_UNSET, error=None, noticed=False, origin=None)
+
+
+class NativeTorchOps(TorchOps):
+    """TorchOps with the per-chunk epilogue (chunk_forward, softmax_grad) done by the native
+    CPU kernels; anything they do not cover (non-CPU or non-contiguous chunks) goes to the
+    pure torch code. The state between the two is (e, rowsum), as in TorchOps."""
+
+    name = "torch+native"
+
+    def __init__(self, lib=None):
+        self._lib = lib if lib is not None else load()
+        if self._lib is None:
+            raise NativeUnavailable(load_error() or "native epilogue disabled")
+
+    @staticmethod
+    def _native_ok(z, y):
+        return (z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 2
+                and z.is_contiguous() and y.dtype == torch.int64)
+
+    def chunk_forward(self, z, y):
+        if not self._native_ok(z, y):
+            return super().chunk_forward(z, y)
+        lp, s = self._lib.chunk_forward(z, y)
+        return lp, (z, s)
+
+    def softmax_grad(self, state, y, logp, coef, out_dtype):
+        e, s = state
+        if not self._native_ok(e, y):
+            return super().softmax_grad(state, y, logp, coef, out_dtype)
+        return self._lib.softmax_grad_(e, y, logp, coef, s)
+
+
+def native_ops() -> NativeTorchOps | None:
+    """A NativeTorchOps if the extension is usable, else None."""
+    lib = load()
+    return None if lib is None else NativeTorchOps(lib)
