@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ops as _ops_mod
 from .backends.chunked import fused_linear_iw, rows_per_chunk
 from .backends.torch_ops import TorchOps
 from .config import IWConfig
@@ -232,6 +233,39 @@ def _scatter(values, idx, N):
     return torch.zeros(N, dtype=values.dtype, device=values.device).index_copy_(0, idx, values)
 
 
+def _forward(hidden, weight, bias, p: _Prepared, config, be, chunk_rows, need_dh, need_dw,
+             need_db):
+    """The loss computation on prepared inputs, no autograd: returns the FusedResult (its
+    dh/dw/db cleared) and (dh, dw, db) in the inputs' shapes and dtypes (None if not needed).
+    Shared by the eager autograd Function and the registered op (ops.py)."""
+    compute_dtype = weight.dtype
+    H = weight.shape[1]
+    ops = _ops(be, hidden.device)
+    with torch.no_grad():
+        h = hidden.detach().reshape(-1, H)
+        if p.idx is not None:
+            h = h[p.idx]
+        h = h.to(compute_dtype)
+        W = weight.detach()
+        b = None if bias is None else bias.detach().to(compute_dtype)
+        res = fused_linear_iw(ops, h, W, b, p.y, p.ref, p.seg, p.S, p.quality, config, p.D,
+                              need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+                              chunk_rows=chunk_rows)
+        dh = dw = db = None
+        if need_dh:
+            dh = res.dh.to(hidden.dtype)
+            if p.idx is not None:
+                dh = torch.zeros(p.N, H, dtype=hidden.dtype, device=hidden.device
+                                 ).index_copy_(0, p.idx, dh)
+            dh = dh.reshape(hidden.shape)
+        if need_dw:
+            dw = res.dw if weight.dtype == torch.float32 else res.dw.to(weight.dtype)
+        if need_db:
+            db = res.db.to(bias.dtype)
+        res.dh = res.dw = res.db = None
+    return res, (dh, dw, db)
+
+
 # ----------------------------------------------------------------------------- autograd
 class _FusedLinearIWSFT(torch.autograd.Function):
     """loss = fused(hidden, weight, bias). Gradients are made in forward and stored;
@@ -277,6 +311,14 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     if not isinstance(config, IWConfig):
         raise TypeError(f"config must be an IWConfig, got {type(config).__name__}")
     _check_float("hidden", hidden)
+    if torch.compiler.is_compiling():
+        # One registered op (ops.py): no graph break at the loss. Its eager implementation
+        # runs the same validation and computation as below, inside the compiled graph.
+        loss, logp, seq_w, token_w, stats = _ops_mod.call(
+            hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
+            ignore_index, normalizer, backend, chunk_bytes)
+        return IWSFTOutput(loss=loss, token_logprobs=logp, seq_weights=seq_w,
+                           token_weights=token_w, stats=stats)
     be = _resolve_backend(backend, hidden.device)
     p = _prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
                  ignore_index, normalizer, need_ref=config.needs_reference)
@@ -286,35 +328,13 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
     need_db = grad_on and bias is not None and bias.requires_grad
-    H = weight.shape[1]
-    ops = _ops(be, hidden.device)
     holder = {}
 
     def run():
-        with torch.no_grad():
-            h = hidden.detach().reshape(-1, H)
-            if p.idx is not None:
-                h = h[p.idx]
-            h = h.to(compute_dtype)
-            W = weight.detach()
-            b = None if bias is None else bias.detach().to(compute_dtype)
-            res = fused_linear_iw(ops, h, W, b, p.y, p.ref, p.seg, p.S, p.quality, config, p.D,
-                                  need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-                                  chunk_rows=chunk_rows)
-            holder["res"] = res
-            dh = dw = db = None
-            if need_dh:
-                dh = res.dh.to(hidden.dtype)
-                if p.idx is not None:
-                    dh = torch.zeros(p.N, H, dtype=hidden.dtype, device=hidden.device
-                                     ).index_copy_(0, p.idx, dh)
-                dh = dh.reshape(hidden.shape)
-            if need_dw:
-                dw = res.dw if weight.dtype == torch.float32 else res.dw.to(weight.dtype)
-            if need_db:
-                db = res.db.to(bias.dtype)
-            res.dh = res.dw = res.db = None
-            return res.loss, (dh, dw, db)
+        res, grads = _forward(hidden, weight, bias, p, config, be, chunk_rows,
+                              need_dh, need_dw, need_db)
+        holder["res"] = res
+        return res.loss, grads
 
     if need_dh or need_dw or need_db:
         loss = _FusedLinearIWSFT.apply(hidden, weight, bias, run)
