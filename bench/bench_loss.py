@@ -23,7 +23,6 @@ import ctypes
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ if __package__ in (None, ""):  # allow `python bench/bench_loss.py`
 import torch
 
 from bench.impls import Impl, get_impls
-from bench.oracle import (MODES, BenchInputs, make_inputs, make_ref_logprobs, oracle, rel_err)
+from bench.oracle import BenchInputs, make_inputs, make_ref_logprobs, oracle, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS = {  # Qwen2.5 lm_head shapes (H, V)
@@ -245,17 +244,20 @@ def _versions() -> dict:
             v[mod] = version(name)
         except Exception:
             v[mod] = None
-    try:
-        v["iwsft_kernels_git"] = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-            text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "iwsft_kernels"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if dirty:
-            v["iwsft_kernels_git"] = (v["iwsft_kernels_git"] or "") + "+dirty"
-    except Exception:
-        v["iwsft_kernels_git"] = None
+    v["iwsft_kernels_git"] = _git_rev()
     return v
+
+
+def _git_rev() -> str | None:
+    """Short HEAD of the repo, '+dirty' if iwsft_kernels/ or csrc/ has uncommitted changes."""
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "iwsft_kernels",
+                                "csrc"], capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev or "") + "+dirty" if dirty else rev
+    except Exception:
+        return None
 
 
 def _base_record(impl: Impl, head: str, n: int, h: int, v: int, args) -> dict:
@@ -301,6 +303,14 @@ class Runner:
         stem = args.out_stem or f"{device_slug(self.device)}-{_dt.date.today().isoformat()}"
         self.json_path = out_dir / f"{stem}.json"
         self.md_path = out_dir / f"{stem}.md"
+        if args.update and self.json_path.exists():  # re-measure some cells, keep the rest
+            old = json.loads(self.json_path.read_text())
+            self.records = old["records"]
+            self.meta["notes"] = old["meta"].get("notes", []) + [
+                f"{self.meta['date']}: re-measured {args.impls or 'all impls'} at heads "
+                f"{args.heads}, N {args.ns} (package {self.meta['versions']['iwsft_kernels_git']});"
+                f" other cells from the run of {old['meta']['date']}"]
+            self.meta["matmul"] = old["meta"].get("matmul", {})
 
     def over_budget(self) -> bool:
         return self.args.time_budget > 0 and time.time() - self.t0 > self.args.time_budget
@@ -316,6 +326,8 @@ class Runner:
 
     def add(self, rec: dict, mm: dict | None):
         _finish_record(rec, mm)
+        self.records = [r for r in self.records if (r["impl"], r["head"], r["N"])
+                        != (rec["impl"], rec["head"], rec["N"])]
         rec["loadavg_1m_after"] = round(os.getloadavg()[0], 2)  # CPU contention indicator
         self.records.append(rec)
         self.save()
@@ -515,6 +527,7 @@ def _child(task: dict):
     rec = measure_cell(impl, inp, dev, refs, reps=task["reps"], warmup=task["warmup"],
                        opts=task["opts"], matmul_in_cell=True)
     rec["status"] = "ok"
+    rec["iwsft_kernels_git"] = _git_rev()  # the package code this cell imported
     return rec
 
 
@@ -523,6 +536,11 @@ def _child(task: dict):
 
 def _fmt(x, spec):
     return "" if x is None else format(x, spec)
+
+
+def _pkg_note(r: dict) -> str:
+    rev = r.get("iwsft_kernels_git")
+    return f"package {rev}" if rev and r.get("family") == "ours" else ""
 
 
 def _load_range(recs) -> str:
@@ -556,6 +574,8 @@ def render_markdown(data: dict) -> str:
     for key, mm in meta.get("matmul", {}).items():
         lines.append(f"- bare matmul {key}: {mm['matmul_tflops']:.3f} TFLOP/s "
                      f"({mm['matmul_ms']:.1f} ms for 6NHV)")
+    for note in meta.get("notes", []):
+        lines.append(f"- note: {note}")
     lines.append("")
     naive_mem = {(r["head"], r["N"]): r["extra_mem_bytes"] for r in recs
                  if r["impl"] == "naive" and r.get("status") == "ok"}
@@ -566,7 +586,8 @@ def render_markdown(data: dict) -> str:
                   "| impl | N | fwd ms | fwd+bwd ms | TFLOP/s | % mm | extra MiB | vs naive mem "
                   "| err loss | err dH | err dW | note |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in sorted(rs, key=lambda r: (r["N"],)):
+        order = {i.key: k for k, i in enumerate(get_impls())}
+        for r in sorted(rs, key=lambda r: (r["N"], order.get(r["impl"], 99))):
             if r.get("status") != "ok":
                 lines.append(f"| {r['label']} | {r['N']} | {r['status']} |  |  |  |  |  |  |  |  "
                              f"| {r.get('note', '')} |")
@@ -578,7 +599,7 @@ def render_markdown(data: dict) -> str:
                 f"{_fmt(r.get('tflops'), '.3f')} | {_fmt(r.get('pct_matmul'), '.0f')} | "
                 f"{r['extra_mem_bytes'] / 2**20:.0f} | {vs} | {_fmt(r.get('err_loss'), '.1e')} | "
                 f"{_fmt(r.get('err_dh'), '.1e')} | {_fmt(r.get('err_dw'), '.1e')} | "
-                f"{r.get('note', '')} |")
+                f"{r.get('note', '')}{_pkg_note(r)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -616,6 +637,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--out-stem", default=None, help="file stem (default <device>-<date>)")
     p.add_argument("--cache-dir", default="/tmp/iwsft-bench-cache")
+    p.add_argument("--update", action="store_true",
+                   help="load the existing <stem>.json and replace only the cells run now")
     p.add_argument("--_task", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._task:

@@ -73,6 +73,8 @@ else
   echo "no time left for the benchmark"
 fi
 
+rm -f "$OUT"/*.tmp   # a half-written file from a bench killed at the cap
+
 echo "== 5. plots [$(elapsed)s]"
 for j in "$OUT"/*.json; do
   timeout 40 python3 -m bench.plot "$j" || echo "plot failed for $j"

@@ -52,7 +52,9 @@ def plot_file(path: Path) -> list[Path]:
     data = json.loads(path.read_text())
     meta, recs = data["meta"], data["records"]
     heads = list(dict.fromkeys(r["head"] for r in recs))
-    keys = list(dict.fromkeys(r["impl"] for r in recs))
+    order = list(STYLE)
+    keys = sorted(dict.fromkeys(r["impl"] for r in recs),
+                  key=lambda k: order.index(k) if k in order else len(order))
     labels = {r["impl"]: r["label"] for r in recs}
     written = []
     for metric, ylabel in (("time", "forward+backward ms (median)"),

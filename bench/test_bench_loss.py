@@ -1,7 +1,9 @@
 """pytest-benchmark versions of the loss benchmark on small shapes.
 
     pytest bench --benchmark-only                       # CPU (or CUDA if present)
-    TRITON_INTERPRET=1 pytest bench --benchmark-only     # adds our Triton backend on CPU
+
+On CPU the Triton implementations (ours-*-triton, Liger) are skipped even under
+TRITON_INTERPRET=1: the interpreter did not finish these shapes' benchmark rounds in 8 minutes.
 
 Not collected by ``pytest tests``. Each benchmark times one forward+backward of one
 implementation on the same inputs, after checking its loss against a float64 oracle.
@@ -33,6 +35,8 @@ def test_fwd_bwd(benchmark, case, impl):
     why = impl.unavailable(DEVICE)
     if why:
         pytest.skip(why)
+    if DEVICE.type == "cpu" and (impl.key.endswith("-triton") or impl.key == "liger"):
+        pytest.skip("Triton interpreter on CPU: too slow to benchmark")
     inp, ref_loss = case
     fn = impl.build(inp, {"peer_chunk_bytes": 1 << 24})
 
