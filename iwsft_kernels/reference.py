@@ -42,8 +42,8 @@ def reference_iwsft(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=Non
 
     lo, hi = config.bounds
     T_ = config.temperature
-    tw = torch.zeros(N, dtype=dtype)
-    sw = torch.zeros(S, dtype=dtype)
+    tw = torch.zeros(N, dtype=dtype, device=h.device)
+    sw = torch.zeros(S, dtype=dtype, device=h.device)
     if config.mode != "sft":
         d = lp - ref_logprobs.reshape(-1).to(dtype)
 
