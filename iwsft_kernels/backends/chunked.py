@@ -64,13 +64,12 @@ def fused_linear_iw(ops, h, W, b, y, ref, seg, S, quality, cfg: IWConfig, D: flo
     weights = None
     logp = None
     bounds = list(range(0, M, chunk_rows)) + [M]
+    two_phase = False
     if M and cfg.mode == "sequence" and need_grad:
         aligned = _sequence_aligned_bounds(seg, S, chunk_rows)
-        if aligned is not None:
-            bounds = aligned
-        else:
-            need_grad = "two-phase"
-    if not need_grad or need_grad == "two-phase":
+        two_phase = aligned is None
+        bounds = bounds if two_phase else aligned
+    if not need_grad or two_phase:
         logp = ops.logprobs(h, W, b, y, chunk_rows)
         weights = compute_weights(None if ref is None else logp - ref, seg, S, cfg, quality)
         if not need_grad:
