@@ -2,7 +2,7 @@
 
 By default nothing is compiled here: ``pip install -e .`` needs neither torch nor a compiler
 at build time, and the native CPU epilogue (csrc/iwsft_epilogue.cpp) is compiled on first use
-by iwsft_kernels/native.py and cached (see docs/native.md).
+by iwsft_kernels/backends/native_cpu.py and cached (see docs/native.md).
 
 Set ``IWSFT_BUILD_NATIVE=1`` to build it ahead of time as ``iwsft_kernels._C`` (needs torch
 importable in the build environment, e.g. ``pip install --no-build-isolation -e .``, and a

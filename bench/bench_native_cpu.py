@@ -18,10 +18,11 @@ import time
 
 import torch
 
-from iwsft_kernels import IWConfig, linear_iwsft_loss, native
+from iwsft_kernels import IWConfig, linear_iwsft_loss
+from iwsft_kernels.backends import native_cpu as native
 from iwsft_kernels.backends.chunked import rows_per_chunk
 from iwsft_kernels.backends.torch_ops import TorchOps
-from iwsft_kernels.loss import DEFAULT_CHUNK_BYTES, _ops
+from iwsft_kernels.core import DEFAULT_CHUNK_BYTES, select_ops as _ops
 
 
 def _set_native(on: bool):

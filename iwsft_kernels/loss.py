@@ -10,21 +10,13 @@ only scales them by grad_output.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from . import ops as _ops_mod
-from .backends.chunked import fused_linear_iw, rows_per_chunk
-from .backends.torch_ops import TorchOps
+from . import core, ops
 from .config import IWConfig
-
-BACKENDS = ("auto", "triton", "torch")
-# Memory budget for one chunk of logits (bytes). The Triton backend on CUDA reads W >= 3x per
-# chunk, so it wants >= ~2k rows per chunk for the GEMMs to stay compute-bound.
-DEFAULT_CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+from .core import BACKENDS, DEFAULT_CHUNK_BYTES  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -34,236 +26,6 @@ class IWSFTOutput:
     seq_weights: torch.Tensor  # (S,) fp32
     token_weights: torch.Tensor  # (N,) fp32, 0 at non-target positions
     stats: dict = field(default_factory=dict)  # 0-d detached tensors
-
-
-# ----------------------------------------------------------------------------- dispatch
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise ValueError("backend='triton' requested but the 'triton' package is not installed")
-        if device.type == "cuda":
-            return "triton"
-        if device.type == "cpu" and _interpreting():
-            return "triton"
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
-            f"before triton is imported; got tensors on {device}")
-    return "torch"
-
-
-def _ops(backend: str, device: torch.device | None = None):
-    if backend == "torch":
-        if device is None or device.type == "cpu":  # native CPU epilogue when it loads
-            from .native import native_ops
-
-            ops = native_ops()
-            if ops is not None:
-                return ops
-        return TorchOps()
-    from .backends.triton_ops import TritonOps
-
-    return TritonOps()
-
-
-# --------------------------------------------------------------------------- validation
-def _check_float(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
-def _check_int(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
-
-
-@dataclass
-class _Prepared:
-    N: int
-    S: int
-    idx: torch.Tensor | None  # target positions (None: all positions are targets)
-    y: torch.Tensor  # (M,) int64
-    seg: torch.Tensor  # (M,) int64
-    ref: torch.Tensor | None  # (M,) fp32
-    quality: torch.Tensor | None  # (S,) fp32
-    D: float
-
-
-def _prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
-             ignore_index, normalizer, need_ref) -> _Prepared:
-    _check_float("hidden", hidden)
-    _check_float("weight", weight)
-    _check_int("labels", labels)
-    if hidden.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"hidden must be (..., H) and weight (V, H); got hidden "
-                         f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
-    V, H = weight.shape
-    if hidden.shape[-1] != H:
-        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's H ({H}); "
-                         f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] "
-                         f"{tuple(hidden.shape[:-1])}")
-    tensors = {"hidden": hidden, "weight": weight, "labels": labels}
-    if bias is not None:
-        _check_float("bias", bias)
-        if tuple(bias.shape) != (V,):
-            raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
-        tensors["bias"] = bias
-    if ref_logprobs is not None:
-        _check_float("ref_logprobs", ref_logprobs)
-        if tuple(ref_logprobs.shape) != tuple(labels.shape):
-            raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal labels "
-                             f"shape {tuple(labels.shape)}")
-        tensors["ref_logprobs"] = ref_logprobs
-    elif need_ref:
-        raise ValueError(f"ref_logprobs is required in mode {config.mode!r} (only mode='sft' "
-                         f"works without reference log-probs)")
-    if cu_seqlens is not None:
-        _check_int("cu_seqlens", cu_seqlens)
-        tensors["cu_seqlens"] = cu_seqlens
-    if quality is not None:
-        if not isinstance(quality, torch.Tensor):
-            raise TypeError(f"quality must be a torch.Tensor, got {type(quality).__name__}")
-        tensors["quality"] = quality
-    devices = {k: t.device for k, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError("all tensors must be on the same device, got "
-                         + ", ".join(f"{k}: {d}" for k, d in devices.items()))
-    dev = hidden.device
-
-    y_all = labels.reshape(-1)
-    N = y_all.numel()
-    mask = y_all != ignore_index
-    bad = mask & ((y_all < 0) | (y_all >= V))
-    if bool(bad.any()):
-        v = int(y_all[bad][0])
-        raise ValueError(f"labels must be in [0, {V}) or ignore_index ({ignore_index}); found {v}")
-
-    # sequence id of every position
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape "
-                             f"{tuple(cu_seqlens.shape)}")
-        cu = cu_seqlens.long()
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-        if int(cu[-1]) != N:
-            raise ValueError(f"cu_seqlens must end at the number of positions N={N}, got "
-                             f"{int(cu[-1])}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        S = cu.numel() - 1
-        seg_all = torch.searchsorted(cu[1:], torch.arange(N, device=dev), right=True)
-    elif labels.dim() == 2:
-        S, T = labels.shape
-        seg_all = torch.arange(N, device=dev) // max(T, 1)
-    elif labels.dim() <= 1:
-        S = 1
-        seg_all = torch.zeros(N, dtype=torch.long, device=dev)
-    else:
-        raise ValueError(f"labels of shape {tuple(labels.shape)}: pass a (B, T) or flat (N,) "
-                         f"layout, or give cu_seqlens for the flattened positions")
-
-    if quality is not None:
-        if tuple(quality.shape) != (S,):
-            raise ValueError(f"quality must have one entry per sequence, shape ({S},), got "
-                             f"{tuple(quality.shape)}")
-        quality = quality.float()
-        if not bool(torch.isfinite(quality).all()) or bool((quality < 0).any()):
-            raise ValueError("quality must be finite and >= 0")
-
-    all_targets = bool(mask.all())
-    idx = None if all_targets else mask.nonzero().squeeze(1)
-    pick = (lambda t: t) if idx is None else (lambda t: t[idx])
-    y = pick(y_all).long()
-    seg = pick(seg_all)
-    ref = None
-    if ref_logprobs is not None:
-        ref = pick(ref_logprobs.reshape(-1)).float()
-        if not bool(torch.isfinite(ref).all()):
-            raise ValueError("ref_logprobs must be finite at target positions")
-        if bool((ref > 0).any()):
-            raise ValueError(f"ref_logprobs must be <= 0 at target positions (log-probs); max "
-                             f"is {float(ref.max())}")
-
-    M = y.numel()
-    if normalizer is None:
-        D = float(max(M, 1))
-    else:
-        try:
-            D = float(normalizer)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"normalizer must be a number or 0-d tensor, got {normalizer!r}")
-        if not math.isfinite(D) or D <= 0:
-            raise ValueError(f"normalizer must be finite and > 0, got {D}")
-    return _Prepared(N=N, S=S, idx=idx, y=y, seg=seg, ref=ref, quality=quality, D=D)
-
-
-def _chunk_rows(weight, chunk_bytes, compute_dtype):
-    if chunk_bytes is None:
-        chunk_bytes = DEFAULT_CHUNK_BYTES["cuda" if weight.device.type == "cuda" else "cpu"]
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    return rows_per_chunk(weight.shape[0], compute_dtype, chunk_bytes)
-
-
-def _scatter(values, idx, N):
-    if idx is None:
-        return values
-    return torch.zeros(N, dtype=values.dtype, device=values.device).index_copy_(0, idx, values)
-
-
-def _forward(hidden, weight, bias, p: _Prepared, config, be, chunk_rows, need_dh, need_dw,
-             need_db):
-    """The loss computation on prepared inputs, no autograd: returns the FusedResult (its
-    dh/dw/db cleared) and (dh, dw, db) in the inputs' shapes and dtypes (None if not needed).
-    Shared by the eager autograd Function and the registered op (ops.py)."""
-    compute_dtype = weight.dtype
-    H = weight.shape[1]
-    ops = _ops(be, hidden.device)
-    with torch.no_grad():
-        h = hidden.detach().reshape(-1, H)
-        if p.idx is not None:
-            h = h[p.idx]
-        h = h.to(compute_dtype)
-        W = weight.detach()
-        b = None if bias is None else bias.detach().to(compute_dtype)
-        res = fused_linear_iw(ops, h, W, b, p.y, p.ref, p.seg, p.S, p.quality, config, p.D,
-                              need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-                              chunk_rows=chunk_rows)
-        dh = dw = db = None
-        if need_dh:
-            dh = res.dh.to(hidden.dtype)
-            if p.idx is not None:
-                dh = torch.zeros(p.N, H, dtype=hidden.dtype, device=hidden.device
-                                 ).index_copy_(0, p.idx, dh)
-            dh = dh.reshape(hidden.shape)
-        if need_dw:
-            dw = res.dw if weight.dtype == torch.float32 else res.dw.to(weight.dtype)
-        if need_db:
-            db = res.db.to(bias.dtype)
-        res.dh = res.dw = res.db = None
-    return res, (dh, dw, db)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -310,20 +72,19 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     config = IWConfig() if config is None else config
     if not isinstance(config, IWConfig):
         raise TypeError(f"config must be an IWConfig, got {type(config).__name__}")
-    _check_float("hidden", hidden)
+    core.check_float("hidden", hidden)
     if torch.compiler.is_compiling():
         # One registered op (ops.py): no graph break at the loss. Its eager implementation
         # runs the same validation and computation as below, inside the compiled graph.
-        loss, logp, seq_w, token_w, stats = _ops_mod.call(
+        loss, logp, seq_w, token_w, stats = ops.call(
             hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
             ignore_index, normalizer, backend, chunk_bytes)
         return IWSFTOutput(loss=loss, token_logprobs=logp, seq_weights=seq_w,
                            token_weights=token_w, stats=stats)
-    be = _resolve_backend(backend, hidden.device)
-    p = _prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
-                 ignore_index, normalizer, need_ref=config.needs_reference)
-    compute_dtype = weight.dtype
-    chunk_rows = _chunk_rows(weight, chunk_bytes, compute_dtype)
+    be = core.resolve_backend(backend, hidden.device)
+    p = core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
+                     ignore_index, normalizer, need_ref=config.needs_reference)
+    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
@@ -331,8 +92,8 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     holder = {}
 
     def run():
-        res, grads = _forward(hidden, weight, bias, p, config, be, chunk_rows,
-                              need_dh, need_dw, need_db)
+        res, grads = core.forward_prepared(hidden, weight, bias, p, config, be, chunk_rows,
+                                           need_dh, need_dw, need_db)
         holder["res"] = res
         return res.loss, grads
 
@@ -344,9 +105,9 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     w = res.weights
     return IWSFTOutput(
         loss=loss,
-        token_logprobs=_scatter(res.logp, p.idx, p.N),
+        token_logprobs=core.scatter(res.logp, p.idx, p.N),
         seq_weights=w.seq,
-        token_weights=_scatter(w.row, p.idx, p.N),
+        token_weights=core.scatter(w.row, p.idx, p.N),
         stats=w.stats,
     )
 
@@ -360,8 +121,8 @@ class LinearIWSFTLoss(torch.nn.Module):
         self.config = IWConfig() if config is None else config
         if not isinstance(self.config, IWConfig):
             raise TypeError(f"config must be an IWConfig, got {type(self.config).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        core.check_backend_name(backend)
+        core.check_chunk_bytes(chunk_bytes)
         self.ignore_index = ignore_index
         self.backend = backend
         self.chunk_bytes = chunk_bytes
@@ -382,16 +143,4 @@ def linear_logprobs(hidden, weight, labels, bias=None, ignore_index: int = -100,
                     backend: str = "auto", chunk_bytes: int | None = None) -> torch.Tensor:
     """(N,) fp32 log-probs log_softmax(W h_i + b)[y_i] of the labels, 0 at ignored positions;
     no grad, no logits materialised. Used to precompute reference log-probs."""
-    _check_float("hidden", hidden)
-    be = _resolve_backend(backend, hidden.device)
-    p = _prepare(hidden, weight, labels, None, None, bias, None, IWConfig(mode="sft"),
-                 ignore_index, None, need_ref=False)
-    H = weight.shape[1]
-    h = hidden.reshape(-1, H)
-    if p.idx is not None:
-        h = h[p.idx]
-    h = h.to(weight.dtype)
-    b = None if bias is None else bias.to(weight.dtype)
-    rows = _chunk_rows(weight, chunk_bytes, weight.dtype)
-    logp = _ops(be, hidden.device).logprobs(h, weight, b, p.y, rows)
-    return _scatter(logp, p.idx, p.N)
+    return core.logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes)

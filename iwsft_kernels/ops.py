@@ -9,9 +9,9 @@ one opaque node (no graph break at the loss) and ``torch.library.opcheck`` passe
 
 The op takes the caller's tensors as they are (hidden (..., H), labels (...), ...). Everything
 data-dependent happens inside its real implementation, which runs eagerly even inside a
-compiled graph: full input validation (``loss._prepare``: label range, cu_seqlens, ref and
+compiled graph: full input validation (``core.prepare``: label range, cu_seqlens, ref and
 quality checks), dropping the ignored positions, the default normaliser (number of targets),
-backend choice, then the same chunked computation as the eager path (``loss._forward``).
+backend choice, then the same chunked computation as the eager path (``core.forward_prepared``).
 So errors are raised under ``torch.compile`` too, from inside the op at run time.
 Every output's shape follows from the input shapes (the fake kernel below):
   loss (), token_logprobs (N,), token_weights (N,), seq_weights (S,), stats (len(STATS_KEYS),)
@@ -29,6 +29,9 @@ backend), dispatching exactly as ``linear_iwsft_loss`` does.
 from typing import Optional
 
 import torch
+
+from . import core
+from .config import IWConfig
 
 STATS_KEYS = ("weight_mean", "weight_min", "weight_max", "ess_fraction", "clip_frac_max",
               "clip_frac_min", "log_ratio_mean", "num_target_tokens", "num_sequences")
@@ -68,19 +71,16 @@ def linear_iwsft_fwd(
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .config import IWConfig
-    from .loss import _chunk_rows, _forward, _prepare, _resolve_backend, _scatter
-
     cfg = IWConfig(mode=mode, temperature=temperature, w_min=w_min, w_max=w_max,
                    length_normalize=length_normalize, self_normalize=self_normalize)
     normalizer = normalizer_tensor if normalizer_tensor is not None else normalizer_value
-    be = _resolve_backend(backend, hidden.device)
-    p = _prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, cfg,
-                 ignore_index, normalizer, need_ref=cfg.needs_reference)
-    chunk_rows = _chunk_rows(weight, chunk_bytes, weight.dtype)
+    be = core.resolve_backend(backend, hidden.device)
+    p = core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, cfg,
+                     ignore_index, normalizer, need_ref=cfg.needs_reference)
+    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype)
     need_db = need_db and bias is not None
-    res, (dh, dw, db) = _forward(hidden, weight, bias, p, cfg, be, chunk_rows,
-                                 need_dh, need_dw, need_db)
+    res, (dh, dw, db) = core.forward_prepared(hidden, weight, bias, p, cfg, be, chunk_rows,
+                                              need_dh, need_dw, need_db)
     w = res.weights
     stats = torch.stack([w.stats[k].to(torch.float32).reshape(()) for k in STATS_KEYS])
 
@@ -89,8 +89,8 @@ def linear_iwsft_fwd(
 
     return (
         res.loss.float().clone(),  # clone: outputs must never alias one another
-        _scatter(res.logp, p.idx, p.N).clone(),
-        _scatter(w.row, p.idx, p.N).clone(),
+        core.scatter(res.logp, p.idx, p.N).clone(),
+        core.scatter(w.row, p.idx, p.N).clone(),
         w.seq.clone(),
         stats,
         dh if dh is not None else empty(hidden),
@@ -142,10 +142,7 @@ def call(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config
     """Run the op with ``linear_iwsft_loss``'s arguments; returns (loss, token_logprobs,
     seq_weights, token_weights, stats dict). Only static checks happen here (no host syncs:
     this is what runs under torch.compile); the op itself validates the data."""
-    from .loss import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    core.check_backend_name(backend)
     if isinstance(normalizer, torch.Tensor):
         norm_value, norm_tensor = None, normalizer
     elif normalizer is None:
@@ -154,9 +151,7 @@ def call(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config
         if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
             raise TypeError(f"normalizer must be a number or 0-d tensor, got {normalizer!r}")
         norm_value, norm_tensor = float(normalizer), None
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool)
-                                    or not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    core.check_chunk_bytes(chunk_bytes)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad

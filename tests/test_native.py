@@ -1,4 +1,4 @@
-"""The native CPU epilogue (csrc/iwsft_epilogue.cpp, iwsft_kernels/native.py).
+"""The native CPU epilogue (csrc/iwsft_epilogue.cpp, iwsft_kernels/backends/native_cpu.py).
 
 - the native ops agree with the pure torch ops (TorchOps) to fp32 rounding, odd shapes,
   peaked rows, -inf logits;
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from helpers import make_inputs, reference_grads, rel
-from iwsft_kernels import IWConfig, linear_iwsft_loss, native
+from iwsft_kernels import IWConfig, linear_iwsft_loss
+from iwsft_kernels.backends import native_cpu as native
 from iwsft_kernels.backends.torch_ops import TorchOps
-from iwsft_kernels.loss import _ops
+from iwsft_kernels.core import select_ops as _ops
 
 from test_loss_oracle import check, run_ours
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .backends.torch_ops import TorchOps
+from .torch_ops import TorchOps
 
-_SRC = Path(__file__).resolve().parent.parent / "csrc" / "iwsft_epilogue.cpp"
+_SRC = Path(__file__).resolve().parents[2] / "csrc" / "iwsft_epilogue.cpp"
 _UNSET = object()
 _state = {"lib": _UNSET, "error": None, "noticed": False, "origin": None}
 

@@ -1,0 +1,96 @@
+"""The package's dependencies point one way (docs/design.md, "Layout"):
+
+    integrations, trainer  ->  public API (__init__, loss)  ->  ops  ->  core  ->  backends
+
+Checked on the source text (every ``import`` / ``from ... import``, module level or inside
+functions), so a cycle cannot creep back in through a lazy import.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "iwsft_kernels"
+
+# layer of each module (lower number = lower in the stack); a module may import only modules of
+# a strictly lower layer, or leaf helpers (config, weights, reference) that import nothing above.
+LAYERS = {
+    "iwsft_kernels.config": 0,
+    "iwsft_kernels.weights": 1,
+    "iwsft_kernels.reference": 1,
+    "iwsft_kernels.backends": 2,
+    "iwsft_kernels.core": 3,
+    "iwsft_kernels.ops": 4,
+    "iwsft_kernels.loss": 5,
+    "iwsft_kernels": 6,
+    "iwsft_kernels.integrations": 7,
+    "iwsft_kernels.trainer": 8,
+}
+
+
+def _layer(mod: str) -> int | None:
+    best = None
+    for name, layer in LAYERS.items():
+        if mod == name or mod.startswith(name + "."):
+            if best is None or len(name) > len(best[0]):
+                best = (name, layer)
+    return None if best is None else best[1]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path, mod: str):
+    is_pkg = path.name == "__init__.py"
+    pkg_parts = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg_parts[: len(pkg_parts) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if node.module is None or node.level and not node.module:
+                for a in node.names:  # ``from . import x``: x is a module
+                    yield f"{target}.{a.name}", node.lineno
+            else:
+                yield target, node.lineno
+
+
+SOURCES = sorted(p for p in PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path):
+    mod = _module_name(path)
+    own = _layer(mod)
+    assert own is not None, f"{mod} has no layer in tests/test_layering.py"
+    bad = []
+    for target, line in _imports(path, mod):
+        if not (target == "iwsft_kernels" or target.startswith("iwsft_kernels.")):
+            continue
+        t = _layer(target)
+        if t is None:
+            continue
+        same_subpackage = t == own and own in (2, 7, 8)  # backends/, integrations/, trainer/
+        if t < own or same_subpackage:
+            continue
+        bad.append(f"line {line}: {mod} (layer {own}) imports {target} (layer {t})")
+    assert not bad, "imports pointing up the stack:\n" + "\n".join(bad)
+
+
+def test_loss_and_ops_do_not_import_each_other_both_ways():
+    loss = {t for t, _ in _imports(PKG / "loss.py", "iwsft_kernels.loss")}
+    ops = {t for t, _ in _imports(PKG / "ops.py", "iwsft_kernels.ops")}
+    assert "iwsft_kernels.loss" not in ops
+    assert "iwsft_kernels.core" in ops and "iwsft_kernels.core" in loss
