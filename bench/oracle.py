@@ -1,6 +1,6 @@
 """Benchmark inputs and an independent, chunked high-precision oracle for the iw-SFT loss.
 
-The oracle implements DESIGN.md §1 from the formulas (it shares no code with
+The oracle implements docs/design.md §1 from the formulas (it shares no code with
 ``iwsft_kernels``), so the accuracy columns of the benchmark also cross-check the package.
 
 Math, per target token i (ignored positions dropped first), with D = number of targets:
@@ -22,7 +22,7 @@ import torch
 
 IGNORE_INDEX = -100
 MODES = ("sft", "token", "sequence")
-# DESIGN.md §1 defaults: (temperature, w_min, w_max)
+# docs/design.md §1 defaults: (temperature, w_min, w_max)
 MODE_DEFAULTS = {"token": (1.0, 0.2, 1.8), "sequence": (1.0, 0.0, 16.0)}
 
 

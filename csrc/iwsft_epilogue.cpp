@@ -1,4 +1,4 @@
-// Native CPU epilogue of the chunked iw-SFT loss (DESIGN.md §3-§4, issue 6).
+// Native CPU epilogue of the chunked iw-SFT loss (docs/design.md §3-§4).
 //
 // Two ops on one fp32 logits chunk z (m, V), both in place, registered as
 //   torch.ops.iwsft_native.chunk_forward(Tensor(a!) z, Tensor y) -> (Tensor logp, Tensor rowsum)
@@ -22,7 +22,7 @@
 // vectorises them (-O3 -fopenmp-simd; the loader adds -mavx2 -mfma where the CPU has them):
 // exp is a Cephes-style polynomial (max error ~2 ulp on [-87, 0]; z - max <= 0 always).
 //
-// Built either on first use by iwsft_kernels/native.py (a plain shared library loaded with
+// Built either on first use by iwsft_kernels/backends/native_cpu.py (a plain shared library loaded with
 // torch.ops.load_library) or, with IWSFT_PYTHON_MODULE defined, as the Python extension
 // module iwsft_kernels._C by setup.py (IWSFT_BUILD_NATIVE=1).
 

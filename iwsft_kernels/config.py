@@ -1,4 +1,4 @@
-"""IWConfig: the importance-weighting options of the loss (DESIGN.md §1)."""
+"""IWConfig: the importance-weighting options of the loss (docs/design.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Public entry points: linear_iwsft_loss, LinearIWSFTLoss, linear_logprobs (DESIGN.md §2).
+"""Public entry points: linear_iwsft_loss, LinearIWSFTLoss, linear_logprobs (docs/design.md §2).
 
 The loss is L = -sum_i m_i w(i) logp_i / D with logp_i = log_softmax(W h_i + b)[y_i], the
 importance weights w detached (see weights.py), D the number of target tokens unless a
@@ -59,7 +59,7 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
                       quality=None, config: IWConfig | None = None, ignore_index: int = -100,
                       normalizer=None, backend: str = "auto",
                       chunk_bytes: int | None = None) -> IWSFTOutput:
-    """Fused linear + importance-weighted cross-entropy (DESIGN.md §1-§2).
+    """Fused linear + importance-weighted cross-entropy (docs/design.md §1-§2).
 
     hidden (..., H) and labels (...) are aligned (hidden[i] predicts labels[i]; the caller
     shifts). weight (V, H), bias (V,). ref_logprobs (...) = log q_ref(y_i | prefix), required

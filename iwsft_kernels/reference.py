@@ -1,4 +1,4 @@
-"""Naive reference of DESIGN.md §1: materialises the logits, float64-capable, for tests.
+"""Naive reference of docs/design.md §1: materialises the logits, float64-capable, for tests.
 
 Written independently of the fused path (plain loops over sequences, no chunking) so that it
 can serve as an oracle. Not for training: it allocates N x V.

@@ -1,4 +1,4 @@
-"""Importance weights from per-token log-ratios (DESIGN.md §1). Tiny tensors only.
+"""Importance weights from per-token log-ratios (docs/design.md §1). Tiny tensors only.
 
 Everything here works on the *target* rows of a batch, in order of position:
   d    (M,) float32  d_i = logp_i - ref_i (detached)

@@ -2,7 +2,7 @@
 
     python -m bench.repro.bandit            # writes bench/results/bandit.png and bandit.json
 
-Setting (Qin & Springenberg 2025, the toy example; DESIGN.md §1):
+Setting (Qin & Springenberg 2025, the toy example; docs/design.md §1):
 - two arms; the reference policy q_ref picks each with probability 1/2;
 - the better arm (index 1) succeeds twice as often as the other (0.6 vs 0.3 here);
 - curated data = the arms of the successful pulls (a sparse 0/1 reward filter), so about

@@ -1,4 +1,4 @@
-"""The chunked algorithm shared by both backends (DESIGN.md §3).
+"""The chunked algorithm shared by both backends (docs/design.md §3).
 
 Inputs are the *target rows only* (ignored positions were dropped before any matmul):
   h (M, H) compute dtype, W (V, H), b (V,) or None, y (M,) int64, ref (M,) fp32 or None,

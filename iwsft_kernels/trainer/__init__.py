@@ -1,4 +1,4 @@
-"""`iwsft-train`: a thin accelerate trainer for iw-SFT (DESIGN.md §5).
+"""`iwsft-train`: a thin accelerate trainer for iw-SFT (docs/design.md §5).
 
     from iwsft_kernels.trainer import TrainConfig, train
     summary = train(TrainConfig(output_dir="outputs/demo"))
