@@ -191,6 +191,27 @@ def capture_case(case: Case) -> list[Launch]:
     return launches
 
 
+def tune_launches() -> list:
+    """(case, launch) of every tile candidate of bench/tune_sm90.py for the LSE and dW
+    kernels, at the 7B head in bf16 (aligned)."""
+    from bench import tune_sm90
+    from iwsft_kernels.backends import triton_grad_weight, triton_lse
+    case = Case("qwen7b", "bf16", False, *SHAPES["qwen7b"])
+    out = []
+    for mod, attr, cands, make, kern in (
+            (triton_lse, "lse_config", tune_sm90.LSE_CANDIDATES, tune_sm90.lse_cfg, "lse_forward"),
+            (triton_grad_weight, "grad_weight_config", tune_sm90.DW_CANDIDATES,
+             tune_sm90.dw_cfg, "grad_weight")):
+        for c in cands:
+            old = getattr(mod, attr)
+            setattr(mod, attr, lambda *a, _c=make(c), **k: dict(_c))
+            try:
+                out += [(case, la) for la in capture_case(case) if kern in la.kernel]
+            finally:
+                setattr(mod, attr, old)
+    return out
+
+
 # --------------------------------------------------------------------------- compile
 
 
@@ -315,23 +336,26 @@ def run(subset: str = "full", informational: bool = True, log=print) -> dict:
         raise RuntimeError("TRITON_INTERPRET is set in this process; use run_subprocess()")
     rows = []
     t0 = time.perf_counter()
+
+    def add(case, la, attrs_mode, launched, role):
+        r = compile_launch(la, attrs_mode)
+        r.update(case=case.name, dtype=case.dtype, tf32=case.tf32, M=case.M, H=case.H,
+                 V=case.V, aligned=case.aligned, attrs=attrs_mode, launched=launched,
+                 role=role, expected_mma=expected_mma(la.kernel, case.dtype, case.tf32))
+        r["problems"] = problems(r)
+        rows.append(r)
+        if log:
+            log(_row_line(r))
+
     for case in cases(subset):
-        launches = capture_case(case)
-        for la in launches:
-            mode = "launch" if case.aligned else "none"
-            todo = [(mode, True)]
+        for la in capture_case(case):
+            add(case, la, "launch" if case.aligned else "none", True, "default")
             has_dot = expected_mma(la.kernel, case.dtype, case.tf32) is not None
             if informational and case.aligned and has_dot:
-                todo.append(("none", False))  # the aligned config without attributes
-            for attrs_mode, launched in todo:
-                r = compile_launch(la, attrs_mode)
-                r.update(case=case.name, dtype=case.dtype, tf32=case.tf32, M=case.M, H=case.H,
-                         V=case.V, aligned=case.aligned, attrs=attrs_mode, launched=launched,
-                         expected_mma=expected_mma(la.kernel, case.dtype, case.tf32))
-                r["problems"] = problems(r)
-                rows.append(r)
-                if log:
-                    log(_row_line(r))
+                add(case, la, "none", False, "info")  # the aligned config without attributes
+    if subset == "full":  # the candidates bench/tune_sm90.py times on aligned bf16 inputs
+        for case, la in tune_launches():
+            add(case, la, "launch", True, "tune")
     return {"rows": rows, "kernels": sorted(all_kernels()), "subset": subset,
             "elapsed_s": round(time.perf_counter() - t0, 1),
             "triton": triton.__version__, "torch": torch.__version__,
@@ -407,13 +431,22 @@ def render_markdown(data: dict) -> str:
     lines += ["", "| kernel | case | dtype | config (blocks, warps, stages) | aligned? | launched "
               "| registers | spills (st/ld bytes) | shared bytes | mma | wgmma |",
               "|---|---|---|---|---|---|---:|---:|---:|---|---|"]
+    tune_header = False
     seen = set()
     for r in rows:
         prec = "" if r["dtype"] != "fp32" else ("+tf32" if r["tf32"] else "+ieee")
-        key = (r["kernel"], r["case"], r["dtype"] + prec, r["config"], r["attrs"])
+        key = (r["kernel"], r["case"], r["dtype"] + prec, r["config"], r["attrs"], r["role"])
         if key in seen:
             continue
         seen.add(key)
+        if r["role"] == "tune" and not tune_header:
+            tune_header = True
+            lines += ["", "### Tune candidates", "",
+                      "The tile configs `bench/tune_sm90.py` times (aligned bf16, 7B head); "
+                      "`launched` = by the sweep.", "",
+                      "| kernel | case | dtype | config (blocks, warps, stages) | aligned? | "
+                      "launched | registers | spills (st/ld bytes) | shared bytes | mma | wgmma |",
+                      "|---|---|---|---|---|---|---:|---:|---:|---|---|"]
         if not r.get("ok"):
             lines.append(f"| {r['kernel']} | {r['case']} | {r['dtype']}{prec} | {r['config']} | "
                          f"{r['attrs']} | {'yes' if r['launched'] else 'no'} | compile error | | | | |")

@@ -286,3 +286,52 @@ def test_report_refuses_an_interpreter_process():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             sm90_report.run("ci", log=None)
+
+
+# --------------------------------------------------------------------------- tuning sweep
+
+
+def test_tune_sweep_dry_run_covers_the_clean_configs():
+    """bench/tune_sm90.py --dry-run lists the sweep without a GPU; it covers the default
+    configs and only tile configs that the committed sm_90 report found clean; its time
+    estimate fits the step's cap in bench/gpu_check.sh."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench import tune_sm90
+    from bench.sm90_report import _config_str
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "bench/tune_sm90.py", "--dry-run", "--json"], cwd=repo,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    rows = plan["plan"]
+    assert {r["head"] for r in rows} == {"7b", "32b"}
+    assert {(r["H"], r["V"]) for r in rows} == {(3584, 152064), (5120, 152064)}
+    for part, default, cands in (("lse", tc.LSE_16BIT, tune_sm90.LSE_CANDIDATES),
+                                 ("dw", tc.GRAD_WEIGHT_16BIT, tune_sm90.DW_CANDIDATES)):
+        swept = {_config_str(r["cfg"]) for r in rows if r["part"] == part}
+        assert _config_str(default) in swept
+        assert len(swept) == len(cands) >= 4
+    budgets = {r["chunk_mib"] for r in rows if r["part"] == "budget"}
+    assert 1024 in budgets and len(budgets) >= 3  # the CUDA default (1 GiB) and neighbours
+    assert plan["estimate_s"] < 120
+    report = json.loads((repo / "bench/results/sm90-report.json").read_text())
+    clean = {(r["kernel"].split(".")[0], r["config"]) for r in report["rows"]
+             if r["role"] == "tune" and r["ok"] and not r["problems"]}
+    for r in rows:
+        if r["part"] != "budget":
+            mod = "triton_lse" if r["part"] == "lse" else "triton_grad_weight"
+            assert (mod, r["config"]) in clean, (
+                f"{r['part']} {r['config']} is not a clean tune candidate in "
+                "bench/results/sm90-report.json: run `python -m bench.sm90_report`")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure")
+def test_tune_fails_fast_without_cuda(capsys):
+    from bench import tune_sm90
+    assert tune_sm90.main(["--heads", "7b"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
