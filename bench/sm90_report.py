@@ -67,11 +67,12 @@ class Case:
     H: int
     V: int
     aligned: bool  # False: odd H, pointers offset by one element
+    bias: bool = False
 
     @property
     def label(self) -> str:
         prec = "" if self.dtype != "fp32" else ("+tf32" if self.tf32 else "+ieee")
-        return f"{self.name} {self.dtype}{prec}"
+        return f"{self.name}{'+bias' if self.bias else ''} {self.dtype}{prec}"
 
 
 SHAPES = {  # name: (M, H, V, aligned)
@@ -86,15 +87,17 @@ PRECISIONS = [("bf16", False), ("fp16", False), ("fp32", True), ("fp32", False)]
 def cases(subset: str = "full") -> list[Case]:
     """full: every shape x dtype/precision. ci: every kernel and every config of
     triton_configs.py in both attribute modes, at one aligned and the unaligned shape."""
+    with_bias = [("qwen7b", "bf16", False, True), ("unaligned", "bf16", False, True)]
     if subset == "full":
-        combos = [(s, d, t) for s in SHAPES for d, t in PRECISIONS]
+        combos = [(s, d, t, False) for s in SHAPES for d, t in PRECISIONS] + with_bias
     elif subset == "ci":
-        combos = [("qwen7b", "bf16", False), ("qwen7b", "fp32", True), ("qwen7b", "fp32", False),
-                  ("odd-vocab", "fp16", False),
-                  ("unaligned", "bf16", False), ("unaligned", "fp32", True)]
+        combos = [("qwen7b", "bf16", False, False), ("qwen7b", "fp32", True, False),
+                  ("qwen7b", "fp32", False, False), ("odd-vocab", "fp16", False, False),
+                  ("unaligned", "bf16", False, False), ("unaligned", "fp32", True, False),
+                  ("unaligned", "fp32", False, False)] + with_bias
     else:
         raise ValueError(f"unknown subset {subset!r}")
-    return [Case(s, d, t, *SHAPES[s]) for s, d, t in combos]
+    return [Case(s, d, t, *SHAPES[s], bias=b) for s, d, t, b in combos]
 
 
 # --------------------------------------------------------------------------- capture
@@ -174,12 +177,13 @@ def capture_case(case: Case) -> list[Launch]:
     h = _meta((case.M, case.H), dt, off)
     W = _meta((case.V, case.H), dt, off)
     y = _meta((case.M + 1,), torch.int64)[1:]  # the chunk's labels: a slice (8-byte offset)
+    b = _meta((case.V,), dt, off) if case.bias else None
     ops = TritonOps()
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.tf32
     try:
         with recording() as launches:
-            ops.logprobs(h, W, None, y, case.M)
+            ops.logprobs(h, W, b, y, case.M)
             z = torch.empty(case.M, case.V, dtype=torch.float32, device="meta")
             logp, state = ops.chunk_forward(z, y)
             coef = torch.empty(case.M, dtype=torch.float32, device="meta")
@@ -339,9 +343,9 @@ def run(subset: str = "full", informational: bool = True, log=print) -> dict:
 
     def add(case, la, attrs_mode, launched, role):
         r = compile_launch(la, attrs_mode)
-        r.update(case=case.name, dtype=case.dtype, tf32=case.tf32, M=case.M, H=case.H,
-                 V=case.V, aligned=case.aligned, attrs=attrs_mode, launched=launched,
-                 role=role, expected_mma=expected_mma(la.kernel, case.dtype, case.tf32))
+        r.update(case=case.name + ("+bias" if case.bias else ""), dtype=case.dtype,
+                 tf32=case.tf32, M=case.M, H=case.H, V=case.V, aligned=case.aligned,
+                 attrs=attrs_mode, launched=launched, role=role, expected_mma=expected_mma(la.kernel, case.dtype, case.tf32))
         r["problems"] = problems(r)
         rows.append(r)
         if log:
@@ -422,7 +426,7 @@ def render_markdown(data: dict) -> str:
         "- **mma**: the tile dot's instruction: `wgmma.bf16` / `wgmma.f16` / `wgmma.tf32` "
         "(Hopper warpgroup MMA), `-` = none (IEEE fp32 dots run on FMA; row kernels have no dot).",
         "- cases: qwen7b (M=4097, H=3584, V=152064), qwen32b (H=5120), odd-vocab (H=4096, "
-        "V=50257), unaligned (H=3585, V=50257, offset pointers); fp32 `+tf32` = torch allows "
+        "V=50257), unaligned (H=3585, V=50257, offset pointers); `+bias`: with an lm_head bias; fp32 `+tf32` = torch allows "
         "TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`), `+ieee` = it does not.", "",
         f"**Result: {'all launched configurations clean' if not bad else f'{len(bad)} PROBLEMS'}**"
         , ""]
