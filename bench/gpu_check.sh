@@ -88,6 +88,7 @@ rm -f "$OUT"/*.tmp   # a half-written file from a bench killed at the cap
 
 echo "== 5. plots [$(elapsed)s]"
 for j in "$OUT"/*.json; do
+  case "$(basename "$j")" in tune-*|'*.json') continue ;; esac   # the sweep's JSON has no plot
   timeout 40 python3 -m bench.plot "$j" || echo "plot failed for $j"
 done
 echo "== done in $(elapsed)s; files:"
