@@ -4,10 +4,12 @@
 # Prepare the carried wheels first (bench/README.md); they live in the git-ignored .whl/.
 #
 # Steps, all under 8 minutes of wall clock (TOTAL_S below), everything written under $OUT
-# (at most 8 files):
+# (at most 9 files):
 #   1. install the carried wheels (liger-kernel, cut-cross-entropy) into /tmp/site
 #   2. environment report                                        -> $OUT/env.txt
 #   3. CUDA tests: IWSFT_TEST_CUDA=1 pytest tests -x -q          -> $OUT/tests.log
+#   3b. tile-config / chunk-budget sweep (bench/tune_sm90.py: 38 measurements, ~70 s expected,
+#       capped at TUNE_S)                                         -> $OUT/tune-sm90-<date>.json
 #   4. full loss benchmark (bf16; 7B, 0.5B, 32B heads; N 2k..32k) -> $OUT/<device>-<date>.{json,md}
 #      (cells past the time budget are recorded as "skipped"; the JSON is rewritten per cell)
 #   5. plots                                                     -> $OUT/<device>-<date>-{time,memory}.png
@@ -17,6 +19,7 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 TOTAL_S=${TOTAL_S:-465}     # hard wall-clock budget of this script
 TESTS_S=${TESTS_S:-170}     # cap for the CUDA tests
+TUNE_S=${TUNE_S:-100}       # cap for the tuning sweep (SKIP_TUNE=1 skips it)
 # for a dry run of this script without a GPU: BENCH_DEVICE=cpu SKIP_TESTS=1
 # BENCH_EXTRA="--heads tiny --ns 256 --seq-len 128 --inprocess"
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
@@ -61,6 +64,14 @@ else
   tail -n 25 "$OUT/tests.log"
 fi
 
+echo "== 3b. tuning sweep [$(elapsed)s]"
+if [ "${SKIP_TUNE:-0}" = 1 ] || [ "$BENCH_DEVICE" != cuda ]; then
+  echo "skipped (SKIP_TUNE=1 or BENCH_DEVICE=$BENCH_DEVICE)"
+else
+  timeout "$TUNE_S" python3 -m bench.tune_sm90 --out-dir "$OUT" --time-budget $(( TUNE_S - 25 ))
+  echo "tune rc=$? (124 = killed at the ${TUNE_S}s cap; the JSON holds every finished measurement)"
+fi
+
 LEFT=$(( TOTAL_S - $(elapsed) - 25 ))   # keep ~25 s for the plots
 SOFT=$(( LEFT - 45 )); [ "$SOFT" -lt 1 ] && SOFT=1   # start no new cell after this
 echo "== 4. benchmark [$(elapsed)s], ${LEFT}s left for it"
@@ -77,6 +88,7 @@ rm -f "$OUT"/*.tmp   # a half-written file from a bench killed at the cap
 
 echo "== 5. plots [$(elapsed)s]"
 for j in "$OUT"/*.json; do
+  case "$(basename "$j")" in tune-*|'*.json') continue ;; esac   # the sweep's JSON has no plot
   timeout 40 python3 -m bench.plot "$j" || echo "plot failed for $j"
 done
 echo "== done in $(elapsed)s; files:"

@@ -4,7 +4,8 @@ An ``Impl`` builds, from ``BenchInputs``, a zero-argument callable that returns 
 training loss (mean over target tokens) with autograd wired to ``hidden`` and ``weight``.
 ``unavailable(device)`` returns why the impl cannot run here (recorded as "n/a"), or None.
 
-Peers compute plain cross-entropy and are compared against our ``sft`` mode; our ``token``
+Peers compute plain cross-entropy (TRL's function: per-token log-probs, summed to the same
+loss) and are compared against our ``sft`` mode; our ``token``
 and ``sequence`` modes sit beside them so the price of the weights is visible.
 """
 from __future__ import annotations
@@ -174,6 +175,33 @@ def _unavail_cce(device):
     return None
 
 
+def _build_trl(inp: BenchInputs, opts: dict):
+    """TRL's chunked log-prob function, called as TRL's fused LM head calls it on CUDA: the
+    target rows only (hidden[mask]), vocabulary tiles of 32,768 columns (TRL's default),
+    temperature 1, loss = -sum(logp) / targets. Log-probs only (outputs=()); SFTTrainer also
+    asks for entropy and is_top1 for its logs, which adds element-wise work in forward."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except Exception:  # pragma: no cover - private name; TRL 1.16's value
+        chunk = 32768
+    mask = inp.labels != IGNORE_INDEX
+
+    def fn():
+        logp = ChunkedLogProbFunction.apply(inp.hidden[mask], inp.weight, None,
+                                            inp.labels[mask], 1.0, chunk, None, 1.0, ())[0]
+        return -logp.sum() / mask.sum().clamp(min=1)
+    return fn
+
+
+def _unavail_trl(device):
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: F401
+    except Exception as e:
+        return f"n/a (trl >= 1.16 with trl.kernels.chunked_logprob needed: {type(e).__name__})"
+    return None
+
+
 # --------------------------------------------------------------------------- ours
 
 
@@ -217,6 +245,8 @@ def all_impls() -> list[Impl]:
              _build_compile_chunked, _unavail_compile, jit=True),
         Impl("torch_lce", "torch F.linear_cross_entropy (chunked)", "sft", "peer",
              _build_torch_lce, _unavail_torch_lce),
+        Impl("trl", "TRL ChunkedLogProbFunction", "sft", "peer", _build_trl, _unavail_trl,
+             jit=False),  # Triton on CUDA (compiled in the GPU warm-up), torch ops on CPU
         Impl("liger", "Liger FusedLinearCrossEntropy", "sft", "peer",
              _build_liger, _unavail_liger, jit=True),
         Impl("cce", "Cut Cross-Entropy", "sft", "peer", _build_cce, _unavail_cce, jit=True),

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_configs import epilogue_config
+from .triton_configs import epilogue_config, padded_row_stride
 
 
 @triton.jit
@@ -62,7 +62,9 @@ def row_lse(z: torch.Tensor, y: torch.Tensor):
 def softmax_grad(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                  tgt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     m, V = z.shape
-    g = z if z.dtype == out_dtype else torch.empty(z.shape, dtype=out_dtype, device=z.device)
+    # a new G gets a row stride padded to 16 elements: the dW kernel then reads aligned rows
+    g = z if z.dtype == out_dtype else torch.empty(
+        m, padded_row_stride(V), dtype=out_dtype, device=z.device)[:, :V]
     if m:
         cfg = epilogue_config()
         grid = (m, triton.cdiv(V, cfg["BLOCK_V"]))

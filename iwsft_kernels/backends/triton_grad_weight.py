@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_configs import interpreting, grad_weight_config
+from .triton_configs import aligned16, dot_precision, grad_weight_config, interpreting
 
 
 @triton.jit
@@ -40,9 +40,10 @@ def accum_grad_weight(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> Non
     K = h.shape[1]
     if m == 0:
         return
-    g = g.contiguous()
-    h = h.contiguous()
-    cfg = grad_weight_config(g.dtype)
+    g = g if g.stride(1) == 1 else g.contiguous()  # keeps a padded row stride
+    h = h if h.stride(1) == 1 else h.contiguous()
+    aligned = aligned16((g, h, dw), (K, g.stride(0), h.stride(0), dw.stride(0)))
+    cfg = grad_weight_config(g.dtype, aligned=aligned)
     grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(K, cfg["BLOCK_H"]))
     _grad_weight_kernel[grid](g, h, dw, m, V, K, g.stride(0), h.stride(0), dw.stride(0),
-                              UPCAST=interpreting(), PRECISION="ieee" if g.dtype == torch.float32 else "tf32", **cfg)
+                              UPCAST=interpreting(), PRECISION=dot_precision(g.dtype), **cfg)

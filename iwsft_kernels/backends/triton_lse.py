@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_configs import interpreting, lse_config, lse_num_splits
+from .triton_configs import aligned16, dot_precision, interpreting, lse_config, lse_num_splits
 
 
 @triton.jit
@@ -71,7 +71,9 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: tor
     V = W.shape[0]
     h = h.contiguous()
     W = W.contiguous()
-    cfg = lse_config(W.dtype)
+    precision = dot_precision(W.dtype)
+    aligned = aligned16((h, W, b), (K, h.stride(0), W.stride(0)))
+    cfg = lse_config(W.dtype, aligned=aligned, precision=precision)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = triton.cdiv(M, bm)
     n_tiles = triton.cdiv(V, bn)
@@ -84,7 +86,7 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: tor
             h, W, b if b is not None else h, y, part[0], part[1], part[2],
             M, V, K, h.stride(0), W.stride(0), tiles_per_split, n_tiles,
             HAS_BIAS=b is not None,
-            UPCAST=interpreting(), PRECISION="ieee" if W.dtype == torch.float32 else "tf32",
+            UPCAST=interpreting(), PRECISION=precision,
             **cfg,
         )
     m, s, t = part
