@@ -7,7 +7,7 @@ Where the compiled code comes from, first that works:
    no ninja and no pybind11 needed (the ops register through ``TORCH_LIBRARY`` and the
    library is loaded with ``torch.ops.load_library``). The source ships inside the package
    (``iwsft_kernels/csrc/`` in a wheel; ``csrc/`` at the top of a source checkout). One line on
-   stderr says when this compile runs (~20-30 s on 2 cores, once). The library is cached per
+   stderr says when this compile runs (once; ~10-30 s on 2 cores). The library is cached per
    user, not per environment, in :func:`cache_dir` (``$TORCH_EXTENSIONS_DIR/iwsft_kernels``,
    else ``$XDG_CACHE_HOME/iwsft_kernels``, else ``~/.cache/iwsft_kernels``), named after the
    torch and Python versions and a hash of the source, compiler and flags: every environment
@@ -159,7 +159,7 @@ def _jit_build(rebuild: bool = False) -> Path:
         if lib.is_file() and not rebuild:  # another process built it while we waited
             return lib
         print(f"iwsft_kernels: compiling the native CPU epilogue for torch {torch.__version__} "
-              f"(once per torch version, ~20-30 s; cached in {d}; IWSFT_NO_NATIVE=1 skips it)",
+              f"(once per torch version, ~10-30 s; cached in {d}; IWSFT_NO_NATIVE=1 skips it)",
               file=sys.stderr, flush=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=d)
         os.close(fd)
