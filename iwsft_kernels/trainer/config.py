@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = f.type if isinstance(f.type, str) else str(f.type)
-        text = HELP[f.name]
+        text = HELP.get(f.name, f.name.replace("_", " "))  # a field without help text still works
         if "default:" not in text:
             text += f" (default: {_default_text(f)})"
         if typ.startswith("bool"):
