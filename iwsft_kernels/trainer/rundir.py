@@ -147,9 +147,10 @@ def check_writable(folder: str | Path, option: str = "--output-dir") -> None:
                           f"another {option} (a folder you can write to).") from None
 
 
-def _options_text(out: Path) -> str:
-    return (f"  to continue it:  rerun the same command with --resume\n"
-            f"  to start over:   add --overwrite (deletes the earlier run's checkpoints, "
+def _options_text(out: Path, finished: bool) -> str:
+    cont = ("  it is finished: nothing to resume\n" if finished else
+            "  to continue it:  rerun the same command with --resume\n")
+    return (cont + f"  to start over:   add --overwrite (deletes the earlier run's checkpoints, "
             f"metrics, final model and reference cache in {out})\n"
             f"  or choose another --output-dir")
 
@@ -208,7 +209,7 @@ def prepare(cfg, main_process: bool = True, say=print) -> str:
             action = "resume"
         else:
             raise RunDirError(f"the output folder {out} already holds {st.describe()}.\n"
-                              + _options_text(out))
+                              + _options_text(out, st.finished))
     elif cfg.resume:
         say(f"--resume: nothing to resume in {out}; starting a new run.")
     check_writable(out)

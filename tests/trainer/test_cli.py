@@ -248,7 +248,9 @@ def test_rerun_into_a_run_stops_and_names_both_options(tmp_path, capsys, no_trai
     fin = tmp_path / "fin"
     _fake_run(fin, steps=16, checkpoint=16, finished=True)
     assert cli.main(SMALL + ["--output-dir", str(fin)]) == 2
-    assert "a finished run (16 of 16 steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a finished run (16 of 16 steps" in err and "--overwrite" in err
+    assert "nothing to resume" in err
     assert cli.main(SMALL + ["--output-dir", str(fin), "--resume"]) == 0  # nothing to do
     assert "nothing to resume" in capsys.readouterr().out
 
