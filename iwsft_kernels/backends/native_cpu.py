@@ -2,16 +2,20 @@
 
 Where the compiled code comes from, first that works:
 1. ``iwsft_kernels._C``: built by setup.py when ``IWSFT_BUILD_NATIVE=1`` was set at install
-   time (a plain ``pip install -e .`` builds nothing, see setup.py);
+   time (a plain ``pip install .`` builds nothing, see setup.py);
 2. compiled on first use: one compiler call (``$CXX``, else ``c++``) against torch's headers,
    no ninja and no pybind11 needed (the ops register through ``TORCH_LIBRARY`` and the
-   library is loaded with ``torch.ops.load_library``). The result is cached under
-   ``$TORCH_EXTENSIONS_DIR/iwsft_kernels`` or ``~/.cache/iwsft_kernels`` (``$XDG_CACHE_HOME``),
-   keyed by a hash of the source, flags, torch and Python versions: a process compiles at most
-   once, and later processes just load the cached library (~20 s for the compile on 2 cores).
+   library is loaded with ``torch.ops.load_library``). The source ships inside the package
+   (``iwsft_kernels/csrc/`` in a wheel; ``csrc/`` at the top of a source checkout). One line on
+   stderr says when this compile runs (once; ~10-30 s on 2 cores). The library is cached per
+   user, not per environment, in :func:`cache_dir` (``$TORCH_EXTENSIONS_DIR/iwsft_kernels``,
+   else ``$XDG_CACHE_HOME/iwsft_kernels``, else ``~/.cache/iwsft_kernels``), named after the
+   torch and Python versions and a hash of the source, compiler and flags: every environment
+   with the same torch version reuses it, and a new torch version compiles its own.
 3. neither: :func:`load` returns None, the pure torch ops run, and one line on stderr says why.
 
-``IWSFT_NO_NATIVE=1`` disables the native path (the pure torch ops run, no notice).
+``IWSFT_NO_NATIVE=1`` disables the native path (the pure torch ops run, nothing is compiled,
+no notice).
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ import torch
 
 from .torch_ops import TorchOps
 
-_SRC = Path(__file__).resolve().parents[2] / "csrc" / "iwsft_epilogue.cpp"
+_HERE = Path(__file__).resolve()
+# the C++ source: inside the package (wheel / non-editable install: setup.py copies csrc/ into
+# iwsft_kernels/csrc/), else at the top of a source checkout (editable install, PYTHONPATH)
+SOURCE_CANDIDATES = (_HERE.parents[1] / "csrc" / "iwsft_epilogue.cpp",
+                     _HERE.parents[2] / "csrc" / "iwsft_epilogue.cpp")
 _UNSET = object()
-_state = {"lib": _UNSET, "error": None, "noticed": False, "origin": None}
+_state = {"lib": _UNSET, "error": None, "noticed": False, "origin": None,
+          "compiled": False}
 
 
 class NativeUnavailable(RuntimeError):
@@ -48,6 +57,11 @@ def cache_dir() -> Path:
         return Path(base) / "iwsft_kernels"
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "iwsft_kernels"
+
+
+def source_path() -> Path | None:
+    """The C++ source this install compiles (None if it was not shipped)."""
+    return next((p for p in SOURCE_CANDIDATES if p.is_file()), None)
 
 
 def find_compiler() -> str | None:
@@ -72,7 +86,7 @@ def _cpu_flags() -> list[str]:
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= words else []
 
 
-def _build_command(cxx: str, out: str) -> list[str]:
+def _build_command(cxx: str, src: Path, out: str) -> list[str]:
     from torch.utils import cpp_extension as ce
 
     abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
@@ -84,47 +98,86 @@ def _build_command(cxx: str, out: str) -> list[str]:
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *_cpu_flags()]
     for inc in ce.include_paths("cpu"):
         cmd += ["-isystem", inc]
-    cmd += [str(_SRC), "-o", out]
+    cmd += [str(src), "-o", out]
     for lib in ce.library_paths("cpu"):
         cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}"]
     cmd += ["-lc10", "-ltorch_cpu", "-ltorch"]
     return cmd
 
 
-def _jit_build() -> Path:
+def _flags_without_paths(cmd: list[str]) -> list[str]:
+    """The compile command minus the paths (source, output, torch's include and library
+    folders), which differ between environments that share one torch version."""
+    out, skip = [], False
+    for a in cmd[1:]:
+        if skip:
+            skip = False
+        elif a in ("-isystem", "-o"):
+            skip = True
+        elif not a.startswith(("-L", "-Wl,-rpath")) and not a.endswith(".cpp"):
+            out.append(a)
+    return out
+
+
+def cached_library_path(src: Path, cxx: str) -> Path:
+    """Where the library compiled from `src` by `cxx` is cached: one file per (torch version,
+    Python version, source + compiler + flags), shared by every environment of this user."""
+    key = hashlib.sha256(src.read_bytes())
+    key.update(repr((cxx, _flags_without_paths(_build_command(cxx, src, "OUT")),
+                     torch.__version__, sys.version_info[:2],
+                     sysconfig.get_platform())).encode())
+    tv = torch.__version__.replace("+", "_")
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache_dir() / f"iwsft_epilogue-torch{tv}-{py}-{key.hexdigest()[:16]}.so"
+
+
+def _jit_build(rebuild: bool = False) -> Path:
+    """The cached library, compiled first if it is not there (or if `rebuild`).
+    Sets ``_state["compiled"]`` when this call ran the compiler."""
     if sys.platform not in ("linux", "darwin"):
         raise NativeUnavailable(f"on-the-fly build not supported on {sys.platform}")
-    if not _SRC.is_file():
-        raise NativeUnavailable(f"source {_SRC} not found (not shipped with this install)")
+    src = source_path()
+    if src is None:
+        raise NativeUnavailable(f"source iwsft_epilogue.cpp not found (looked in "
+                                f"{', '.join(str(p.parent) for p in SOURCE_CANDIDATES)})")
     cxx = find_compiler()
     if cxx is None:
         raise NativeUnavailable("no C++ compiler found (set CXX or install g++)")
-    probe = _build_command(cxx, "OUT")
-    key = hashlib.sha256()
-    key.update(_SRC.read_bytes())
-    key.update(repr((probe, torch.__version__, sys.version_info[:2],
-                     sysconfig.get_platform())).encode())
-    d = cache_dir()
-    lib = d / f"iwsft_epilogue_{key.hexdigest()[:16]}.so"
-    if lib.is_file():
+    lib = cached_library_path(src, cxx)
+    if lib.is_file() and not rebuild:
         return lib
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=d)
-    os.close(fd)
+    d = lib.parent
     try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NativeUnavailable(f"cannot create the cache folder {d}: {e} (set "
+                                f"TORCH_EXTENSIONS_DIR to a writable folder)") from e
+    import fcntl
+
+    with open(d / ".build.lock", "w") as lock:  # one compile at a time; the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.is_file() and not rebuild:  # another process built it while we waited
+            return lib
+        print(f"iwsft_kernels: compiling the native CPU epilogue for torch {torch.__version__} "
+              f"(once per torch version, ~10-30 s; cached in {d}; IWSFT_NO_NATIVE=1 skips it)",
+              file=sys.stderr, flush=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=d)
+        os.close(fd)
         try:
-            r = subprocess.run(_build_command(cxx, tmp), capture_output=True, text=True,
-                               timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise NativeUnavailable(f"compiler {cxx} failed to run: {e}") from e
-        if r.returncode != 0:
-            err = (r.stderr or r.stdout).strip().splitlines()
-            first = next((ln for ln in err if "error" in ln), err[0] if err else "")
-            raise NativeUnavailable(f"compile failed ({cxx}): {first.strip()[:300]}")
-        os.replace(tmp, lib)  # atomic: concurrent builders both leave a valid library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            try:
+                r = subprocess.run(_build_command(cxx, src, tmp), capture_output=True,
+                                   text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise NativeUnavailable(f"compiler {cxx} failed to run: {e}") from e
+            if r.returncode != 0:
+                err = (r.stderr or r.stdout).strip().splitlines()
+                first = next((ln for ln in err if "error" in ln), err[0] if err else "")
+                raise NativeUnavailable(f"compile failed ({cxx}): {first.strip()[:300]}")
+            os.replace(tmp, lib)  # atomic: a reader never sees a half-written library
+            _state["compiled"] = True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return lib
 
 
@@ -138,11 +191,18 @@ def _load_impl():
         return "iwsft_kernels._C"
     except ImportError:
         pass
+    _state["compiled"] = False
     lib = _jit_build()
     try:
         torch.ops.load_library(str(lib))
     except Exception as e:  # noqa: BLE001
-        raise NativeUnavailable(f"could not load {lib}: {e}") from e
+        if _state["compiled"]:
+            raise NativeUnavailable(f"could not load {lib}: {e}") from e
+        lib = _jit_build(rebuild=True)  # a stale or damaged cached file: compile it again
+        try:
+            torch.ops.load_library(str(lib))
+        except Exception as e:  # noqa: BLE001
+            raise NativeUnavailable(f"could not load {lib}: {e}") from e
     return str(lib)
 
 
@@ -181,7 +241,7 @@ def origin() -> str | None:
 
 
 def _reset_for_tests():
-    _state.update(lib=_UNSET, error=None, noticed=False, origin=None)
+    _state.update(lib=_UNSET, error=None, noticed=False, origin=None, compiled=False)
 
 
 class NativeTorchOps(TorchOps):

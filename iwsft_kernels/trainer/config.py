@@ -3,13 +3,17 @@ onto its fields one to one: ``--micro-batch-size 4`` <-> ``micro_batch_size: 4``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "embedded-default"  # tiny random-init Qwen2 (vocab 151,936) from assets/model
+AUTO_CHECKPOINTS = 8  # save_every=None: about this many checkpoints per run
 
 
 @dataclass
@@ -56,9 +60,10 @@ class TrainConfig:
     ref_batch_size: int = 8
     # --- outputs
     output_dir: str = "outputs/iwsft-default"
-    save_every: int = 0  # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2
-    resume: bool = False
+    save_every: int | None = None  # checkpoint every N steps; None: auto (~8 per run); 0: end only
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+    resume: bool = False  # continue the run already in output_dir from its last checkpoint
+    overwrite: bool = False  # delete the run already in output_dir and start over
     eval_examples: int = 16  # loss before/after on the first examples
     log_with: str = "auto"  # auto (tensorboard when installed) | none | any accelerate tracker
     stop_after_steps: int | None = None  # stop early (after checkpointing), e.g. to test resume
@@ -74,55 +79,270 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def checkpoint_every(self, total_steps: int) -> int:
+        """Steps between checkpoints (0: only at the end). Default: about 8 per run, so an
+        interrupted run (Ctrl-C, kill, preemption) loses at most ~1/8 of its steps."""
+        if self.save_every is not None:
+            return self.save_every
+        return max(1, math.ceil(total_steps / AUTO_CHECKPOINTS))
 
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {s!r}")
+
+# ------------------------------------------------------------------------ validation
+# Allowed values of the enumerated options (flags and config-file keys alike).
+CHOICES = {
+    "mode": ("sft", "token", "sequence"),
+    "sampling": ("uniform", "quality"),
+    "trace_source": ("deepseek", "gemini"),
+    "bf16": ("auto", "yes", "no"),
+    "loss_backend": ("auto", "torch", "triton"),
+    "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                            "flex_attention"),
+    "log_with": ("auto", "none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "aim",
+                 "mlflow", "clearml", "dvclive", "swanlab"),
+}
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+BOOL_SPELLINGS = "true/false, yes/no, 1/0, on/off"
+
+# (lowest allowed value, whether it may equal that value) for the numeric options
+_RANGES = {
+    "max_examples": (1, True), "max_length": (2, True), "epochs": (1, True),
+    "max_steps": (1, True), "micro_batch_size": (1, True), "grad_accum": (1, True),
+    "ref_batch_size": (1, True), "save_every": (0, True), "keep_checkpoints": (0, True),
+    "eval_examples": (0, True), "stop_after_steps": (1, True), "seed": (0, True),
+    "lr": (0, False), "warmup_ratio": (0, True), "weight_decay": (0, True),
+    "adam_beta1": (0, True), "adam_beta2": (0, True), "max_grad_norm": (0, True),
+}
+_BELOW_ONE = ("warmup_ratio", "adam_beta1", "adam_beta2")  # these must also be < 1 (<= 1: warmup)
+
+HELP = {
+    "model": "HF hub name or local model folder; 'embedded-default' is the bundled tiny "
+             "random-init Qwen2 (vocab 151,936)",
+    "tokenizer": "tokenizer name or folder (default: the model's; bundled one for the default)",
+    "ref_model": "reference policy q_ref (default: the starting model)",
+    "data": "JSONL/JSON/parquet/CSV file, saved dataset folder, or hub dataset name "
+            "(default: the bundled s1K-style sample)",
+    "data_split": "split to read from a hub or saved dataset",
+    "trace_source": "s1K-1.1 only: whose thinking trajectory and attempt to train on",
+    "quality_column": "column with a per-example quality >= 0 (optional)",
+    "max_examples": "use only the first N examples",
+    "max_length": "truncate examples to this many tokens",
+    "mode": "importance weighting: sft (w = 1), token (per-token weights), sequence "
+            "(per-sequence weights, the paper's default)",
+    "temperature": "temperature of the weights (default: IWConfig's, 1.0)",
+    "w_min": "lower clip of the weights (default: the mode's)",
+    "w_max": "upper clip of the weights (default: the mode's)",
+    "length_normalize": "sequence mode: mean (true) or sum (false) of the log-ratio "
+                        "(default: IWConfig's, true)",
+    "self_normalize": "rescale the batch's weights to mean 1 (default: IWConfig's, false)",
+    "sampling": "how examples are drawn: uniform, or in proportion to quality (SFT(Q))",
+    "quality_weight": "multiply the sequence weights by the quality column (iw-SFT(Q))",
+    "lr": "peak learning rate (default: 1e-3 for the embedded default model, else 1e-5)",
+    "epochs": "passes over the data",
+    "max_steps": "optimizer steps in all (overrides --epochs)",
+    "micro_batch_size": "examples per forward/backward on each process",
+    "grad_accum": "micro-batches per optimizer step (global batch = micro_batch_size x "
+                  "grad_accum x processes)",
+    "warmup_ratio": "fraction of the steps with linear warmup (then cosine decay), in [0, 1]",
+    "weight_decay": "AdamW weight decay (not on biases and norms)",
+    "adam_beta1": "AdamW beta1, in [0, 1)",
+    "adam_beta2": "AdamW beta2, in [0, 1)",
+    "max_grad_norm": "gradient clipping norm (0: no clipping)",
+    "bf16": "bf16 mixed precision: auto (on CUDA), yes, no",
+    "gradient_checkpointing": "recompute activations in backward (less memory)",
+    "liger": "Liger kernels for RMSNorm/RoPE/SwiGLU (CUDA only; pip install liger-kernel)",
+    "attn_implementation": "attention kernel; auto: flash_attention_2 when flash-attn is "
+                           "installed and CUDA is there, else sdpa. A hub kernel "
+                           "('org/name') is passed through",
+    "packing": "pack each micro-batch into one row (position ids restart)",
+    "loss_backend": "fused-loss backend: auto (triton on CUDA, torch elsewhere), torch, triton",
+    "seed": "random seed (data order, init of the embedded default model)",
+    "ref_cache": "folder of the cached reference log-probs (default: OUTPUT_DIR/ref_logprobs)",
+    "ref_batch_size": "batch size of the reference log-prob pass",
+    "output_dir": "where checkpoints, metrics.jsonl, summary.json and the final model go",
+    "save_every": f"checkpoint every N optimizer steps; 0: only at the end; default: about "
+                  f"{AUTO_CHECKPOINTS} checkpoints per run",
+    "keep_checkpoints": "how many of the newest checkpoints to keep (0: all)",
+    "resume": "continue the run already in OUTPUT_DIR from its last checkpoint",
+    "overwrite": "delete the run already in OUTPUT_DIR (checkpoints, metrics, final model, "
+                 "reference cache) and start over",
+    "eval_examples": "eval loss before/after on the first N examples",
+    "log_with": "experiment tracker: auto (tensorboard when installed), none, or an "
+                "accelerate tracker",
+    "stop_after_steps": "stop after this many steps (after checkpointing), e.g. to test "
+                        "--resume",
+    "config": "YAML/JSON file of these options (keys with underscores); flags win",
+}
 
 
-def build_parser():
-    import argparse
+class ConfigError(ValueError):
+    """An option with a value it cannot take (names the option and what is allowed)."""
 
+
+def _opt(name: str, source: str) -> str:
+    return "--" + name.replace("_", "-") if source == "flag" else f"{name!r} in {source}"
+
+
+def parse_bool(v, name: str = "value", source: str = "flag") -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in TRUE + FALSE:
+        return v.strip().lower() in TRUE
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ConfigError(f"{_opt(name, source)}: expected a boolean ({BOOL_SPELLINGS}), got {v!r}")
+
+
+def _normalise(name: str, v, typ: str, source: str):
+    """One option's value, checked and converted to the field's type."""
+    if v is None:
+        if "None" in typ:
+            return None
+        raise ConfigError(f"{_opt(name, source)}: a value is required")
+    if name == "bf16":  # auto | yes | no, and the boolean spellings for yes/no
+        s = str(v).strip().lower() if not isinstance(v, bool) else ("yes" if v else "no")
+        s = "yes" if s in TRUE else "no" if s in FALSE else s
+        if s not in CHOICES["bf16"]:
+            raise ConfigError(f"{_opt(name, source)}: expected one of auto, yes, no (or "
+                              f"{BOOL_SPELLINGS}), got {v!r}")
+        return s
+    if typ.startswith("bool"):
+        return parse_bool(v, name, source)
+    if typ.startswith("int"):
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str)
+                                                              and v.strip().lstrip("-").isdigit())):
+            raise ConfigError(f"{_opt(name, source)}: expected an integer, got {v!r}")
+        v = int(v)
+    elif typ.startswith("float"):
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            v = float(v)  # YAML reads "1e-5" as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{_opt(name, source)}: expected a number, got {v!r}") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"{_opt(name, source)}: expected a finite number, got {v!r}")
+    else:
+        if not isinstance(v, str):
+            raise ConfigError(f"{_opt(name, source)}: expected a string, got {v!r}")
+        allowed = CHOICES.get(name)
+        if allowed and v not in allowed and not (name == "attn_implementation" and "/" in v):
+            raise ConfigError(f"{_opt(name, source)}: expected one of {', '.join(allowed)}"
+                              + (" (or a hub kernel 'org/name')" if name == "attn_implementation"
+                                 else "") + f", got {v!r}")
+    if name in _RANGES:
+        lo, inclusive = _RANGES[name]
+        hi = 1.0 if name in _BELOW_ONE else None
+        ok = (v >= lo if inclusive else v > lo) and (hi is None or v < hi or (
+            name == "warmup_ratio" and v <= hi))
+        if not ok:
+            rng = (f">= {lo}" if inclusive else f"> {lo}") + (
+                "" if hi is None else " and <= 1" if name == "warmup_ratio" else " and < 1")
+            raise ConfigError(f"{_opt(name, source)}: must be {rng}, got {v!r}")
+    return v
+
+
+def validate(values: dict, source: str = "flag") -> dict:
+    """Checked and converted copies of `values` (field name -> value)."""
+    types = {f.name: f.type if isinstance(f.type, str) else str(f.type)
+             for f in dataclasses.fields(TrainConfig)}
+    return {k: _normalise(k, v, types[k], source) for k, v in values.items()}
+
+
+def _flag_type(name: str, typ: str):
+    def convert(s: str):
+        try:
+            return _normalise(name, s, typ, "flag")
+        except ConfigError as e:  # argparse prefixes "argument --flag: "
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+    convert.__name__ = typ.split(" ")[0]
+    return convert
+
+
+def _default_text(f) -> str:
+    if f.name == "save_every":
+        return "auto"
+    return "not set" if f.default is None else str(f.default).lower() if isinstance(
+        f.default, bool) else str(f.default)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iwsft-train",
         description="Importance-weighted SFT (iw-SFT) with a fused loss, on accelerate. With no "
                     "arguments: the embedded CPU demo (tiny random Qwen2, shipped s1K-style data).",
+        epilog="An OUTPUT_DIR that already holds a run is not silently restarted: pass --resume "
+               "to continue it or --overwrite to start over. Boolean options take "
+               f"{BOOL_SPELLINGS}; alone, they mean true. IWSFT_NO_NATIVE=1 skips the native "
+               "CPU epilogue (and its one-time compile).",
     )
-    hints = {"bf16": "auto | yes | no", "mode": "sft | token | sequence",
-             "sampling": "uniform | quality (SFT(Q))"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = f.type if isinstance(f.type, str) else str(f.type)
-        if "bool" in typ:
-            p.add_argument(flag, type=_bool, nargs="?", const=True, default=None,
-                           metavar="BOOL", help=f"(default {f.default})")
+        text = HELP.get(f.name, f.name.replace("_", " "))  # a field without help text still works
+        if "default:" not in text:
+            text += f" (default: {_default_text(f)})"
+        if typ.startswith("bool"):
+            p.add_argument(flag, type=_flag_type(f.name, typ), nargs="?", const=True,
+                           default=None, metavar="BOOL", help=text)
+        elif f.name in CHOICES:
+            p.add_argument(flag, type=_flag_type(f.name, typ), default=None,
+                           metavar="{" + ",".join(CHOICES[f.name]) + "}", help=text)
         else:
-            conv = int if typ.startswith("int") else float if typ.startswith("float") else str
-            p.add_argument(flag, type=conv, default=None,
-                           help=hints.get(f.name, f"(default {f.default})"))
+            metavar = {"int": "N", "float": "X"}.get(typ.split(" ")[0], None)
+            p.add_argument(flag, type=_flag_type(f.name, typ), default=None, metavar=metavar,
+                           help=text)
     return p
 
 
 def parse_config(argv=None) -> TrainConfig:
-    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    """TrainConfig from command-line flags and an optional --config file (flags win).
+    A bad value exits with a message naming the option and the allowed values."""
+    parser = build_parser()
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     values = {}
     if args.get("config"):
         path = Path(args["config"])
         if not path.is_file():
-            raise SystemExit(f"iwsft-train: config file not found: {path}")
+            raise SystemExit(f"iwsft-train: error: config file not found: {path}")
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
 
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as e:  # noqa: BLE001 — yaml/json syntax errors
+            raise SystemExit(f"iwsft-train: error: cannot parse {path}: {e}") from None
+        if not isinstance(values, dict):
+            raise SystemExit(f"iwsft-train: error: {path} must hold a mapping of option: value")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"iwsft-train: unknown keys in {path}: {unknown}")
+            raise SystemExit(f"iwsft-train: error: unknown keys in {path}: {unknown}")
+        try:
+            values = validate(values, source=str(path))
+        except ConfigError as e:
+            raise SystemExit(f"iwsft-train: error: {e}") from None
     values.update(args)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"iwsft-train: error: {e}") from None
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Checks that need several options together (each option alone is checked on parsing)."""
+    from .. import IWConfig
+
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the "
+                          "run in the output folder, --overwrite deletes it")
+    try:
+        IWConfig(**cfg.iw_kwargs())
+    except ValueError as e:
+        msg = re.sub(r"IWConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        raise ConfigError(msg) from None

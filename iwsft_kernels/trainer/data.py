@@ -12,6 +12,7 @@ Optional `quality` column (name configurable) >= 0; default 1.0.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,11 @@ def load_records(source: str, split: str = "train"):
         try:
             return datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as e:
-            raise DataError(f"could not read {path}: {type(e).__name__}: {e}") from e
+            # name the line: datasets' own message gives at most a row or character position
+            problem = json_problem(path) if kind == "json" else None
+            if problem:
+                raise DataError(f"{path}: {problem}") from e
+            raise DataError(f"could not read {path}: {_innermost(e)}") from e
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             ds = datasets.load_from_disk(str(path))
@@ -90,6 +95,46 @@ def load_records(source: str, split: str = "train"):
     except Exception as e:  # offline, unknown name, ...
         raise DataError(f"could not load dataset {source!r} (not a local path; hub load failed: "
                         f"{type(e).__name__}: {e})") from e
+
+
+def _innermost(e: BaseException) -> str:
+    """The error and its innermost cause (datasets wraps the parser's message)."""
+    inner = e
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    text = f"{type(e).__name__}: {e}"
+    return text if inner is e else f"{text} (cause: {type(inner).__name__}: {inner})"
+
+
+def json_problem(path: Path) -> str | None:
+    """The first place where a .json / .jsonl file is not what the loader accepts (one JSON
+    document, or one JSON object per line), as "line N, column C: ..." or None if it is fine."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return f"line {line}: not UTF-8 text (byte {e.start})"
+    try:
+        json.loads(text)
+        return None  # one JSON document (an array of records, or a single object)
+    except json.JSONDecodeError as e:
+        whole = e
+    if text.lstrip().startswith("["):  # meant as one JSON array
+        return (f"line {whole.lineno}, column {whole.colno}: not valid JSON ({whole.msg})")
+    for n, line in enumerate(text.splitlines(), 1):  # JSON Lines: one object per line
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            snippet = line.strip()
+            snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
+            return (f"line {n}, column {e.colno}: not valid JSON ({e.msg}): {snippet}")
+        if not isinstance(obj, dict):
+            return (f"line {n}: expected one JSON object {{...}} per line, got a "
+                    f"{type(obj).__name__}")
+    return None
 
 
 def to_messages(row: dict, schema: str, trace_source: str) -> list[dict]:
@@ -120,6 +165,11 @@ def detect_schema(columns: list[str], trace_source: str) -> str:
     raise DataError(f"unrecognised data schema; found columns {sorted(cols)}. Expected "
                     f"`messages`, or `prompt` + `response`, or the s1K-1.1 columns "
                     f"`question`, `{trace_source}_thinking_trajectory`, `{trace_source}_attempt`")
+
+
+def _short(row: dict, n: int = 200) -> str:
+    text = repr(row)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -173,9 +223,12 @@ def tokenize_dataset(ds, tokenizer, *, max_length: int, trace_source: str = "dee
     out = TokenizedData([], n_rows)
     for i in range(n_rows):
         row = ds[i]
-        ids, labels, truncated = tokenize_messages(tokenizer, to_messages(row, schema,
-                                                                          trace_source),
-                                                   max_length)
+        try:
+            messages = to_messages(row, schema, trace_source)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"row {i} (counting from 0): cannot read it as {schema!r} data "
+                            f"({type(e).__name__}: {e}); its values: {_short(row)}") from e
+        ids, labels, truncated = tokenize_messages(tokenizer, messages, max_length)
         out.n_truncated += truncated
         n_targets = sum(1 for y in labels[1:] if y != IGNORE)
         if n_targets == 0:

@@ -294,6 +294,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 5. train
     stop = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
+    save_every = cfg.checkpoint_every(total)  # default: ~8 checkpoints per run (resumable)
     metrics_file = out_dir / "metrics.jsonl"
     if acc.is_main_process:  # keep only the metrics of steps before `start` (fresh run: none)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,8 +343,11 @@ def train(cfg: TrainConfig) -> dict:
                 f.write(json.dumps(m) + "\n")
         acc.log(m, step=step + 1)
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", w=f"{m['weight_mean']:.3f}")
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == stop:
+        # loss is weighted (it can rise while the policy improves: the weights grow); the
+        # unweighted NLL, -mean log p over the step's targets, is the one to watch for progress
+        bar.set_postfix(loss=f"{m['loss']:.4f}", nll=f"{-m['logp_mean']:.4f}",
+                        w=f"{m['weight_mean']:.3f}")
+        if (save_every and (step + 1) % save_every == 0) or step + 1 == stop:
             state.update(next_step=step + 1, total_steps=total)
             _save_checkpoint(acc, out_dir, step + 1, state, cfg.keep_checkpoints)
     bar.close()

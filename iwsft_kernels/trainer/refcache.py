@@ -96,12 +96,18 @@ def compute_ref_logprobs(accelerator, model, data: TokenizedData, cache_dir: str
     world, rank = accelerator.num_processes, accelerator.process_index
     files = [cache / f"batch-{k:05d}.pt" for k in range(len(batches))]
 
-    if not (cache / "complete").exists():
+    if (cache / "complete").exists():
+        accelerator.print(f"reference log-probs: using the complete cache in {cache}")
+    else:
         done = [[f.exists() for f in files]]
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(done)  # one view of what is done, or ranks could disagree
         todo = [k for k in range(len(batches)) if not done[0][k]]
+        if len(todo) < len(batches):
+            accelerator.print(f"reference log-probs: resuming an interrupted pass, "
+                              f"{len(batches) - len(todo)} of {len(batches)} batches already "
+                              f"cached in {cache}")
         rounds = [todo[j:j + world] for j in range(0, len(todo), world)]
         model.eval()
         from tqdm.auto import tqdm

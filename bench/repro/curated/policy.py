@@ -4,6 +4,7 @@ sampling / evaluation with the exact checker."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -80,6 +81,14 @@ def prompt_ids(tok, problem: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def cache_argument(model) -> str:
+    """The name of the KV-cache argument (and output) of `model`'s forward: ``cache`` in
+    transformers >= 5.2x (``past_key_values`` there is deprecated, removed in 5.40), else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
 @torch.no_grad()
 def sample(model, tok, problems: list[str], *, seed: int, temperature: float = 1.0,
            greedy: bool = False, max_new_tokens: int = 48, batch_size: int = 512) -> list[str]:
@@ -92,10 +101,10 @@ def sample(model, tok, problems: list[str], *, seed: int, temperature: float = 1
         B = ids.shape[0]
         done = torch.zeros(B, dtype=torch.bool)
         new = torch.full((B, max_new_tokens), eos, dtype=torch.long)
-        past, x = None, ids
+        cache_kw, past, x = cache_argument(model), None, ids
         for t in range(max_new_tokens):
-            o = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o = model(input_ids=x, use_cache=True, **({cache_kw: past} if past is not None else {}))
+            past = o[cache_kw]
             logits = o.logits[:, -1].float()
             if greedy:
                 nxt = logits.argmax(-1)
