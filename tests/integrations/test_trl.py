@@ -8,6 +8,7 @@ random model (peaked logits), so the importance weights are far from 1 and get c
 import copy
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from iwsft_kernels.integrations.trl import (  # noqa: E402
+    REF_COLUMN,
     IWSFTConfig,
     IWSFTTrainer,
     RefCacheMismatch,
@@ -250,7 +252,9 @@ def test_step1_matches_naive_full_logits(case, tok, ref_dir, tmp_path):
         assert abs(logged[k] - float(v)) < 1e-4 * max(1.0, abs(float(v))), (k, logged[k], v)
 
 
-def test_grad_accumulation_equals_double_batch(tok, ref_dir, tmp_path):
+def test_accumulation_and_data_parallel_give_the_one_batch_update(tok, ref_dir, tmp_path):
+    """4 examples: one batch of 4 == 2 accumulation steps of 2 == 2 DDP ranks (gloo, CPU) of 2;
+    the reference pass split over the 2 ranks gives the same values."""
     ds = dataset(4, long=True)
     out = {}
     for name, (bs, ga) in {"one": (4, 1), "two": (2, 2)}.items():
@@ -260,10 +264,27 @@ def test_grad_accumulation_equals_double_batch(tok, ref_dir, tmp_path):
                                          ref_model_name_or_path=ref_dir,
                                          ref_cache_dir=str(tmp_path / "cache")))
         tr, grads = run(IWSFTTrainer, tiny_qwen(tok, seed=0), tok, ds, args)
-        out[name] = (sum(tr.rec_losses), grads, len(tr.rec_inputs))
+        out[name] = (sum(tr.rec_losses), grads, len(tr.rec_inputs), tr)
     assert out["one"][2] == 1 and out["two"][2] == 2
     torch.testing.assert_close(out["two"][0], out["one"][0], rtol=1e-5, atol=1e-7)
     assert_grads_close(out["two"][1], out["one"][1], rtol=1e-5)
+
+    ddp_dir = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29500 + os.getpid() % 1000),
+                        str(Path(__file__).parent / "trl_ddp_worker.py"), str(ddp_dir), ref_dir],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = torch.load(ddp_dir / "rank0.pt", weights_only=False)
+    assert len(res["batches"]) == 4  # reference pass: 4 batches of 1, dealt to the 2 ranks
+    assert res["ref"] == out["one"][3].train_dataset[REF_COLUMN]
+    assert_grads_close(res["grads"], out["one"][1], rtol=1e-5)
+    one_log = out["one"][3].state.log_history[0]
+    assert abs(res["log"]["loss"] - one_log["loss"]) < 1e-5 * one_log["loss"]
+    for k in ("iw/weight_mean", "iw/weight_max", "iw/ess_fraction", "num_tokens"):
+        assert abs(res["log"][k] - one_log[k]) < 1e-5 * max(1.0, abs(one_log[k])), k
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
