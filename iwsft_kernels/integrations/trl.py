@@ -67,7 +67,7 @@ from packaging.version import Version
 from ..config import IWConfig
 from .causal_lm import apply_iwsft_to_model, sequence_starts
 
-TRL_MIN, TRL_BELOW = "1.16.0", "1.17.0"  # the tested range; [trl] extra in pyproject.toml
+TRL_MIN, TRL_BELOW = "1.14.2", "1.17.0"  # the tested range; [trl] extra in pyproject.toml
 if not (Version(TRL_MIN) <= Version(trl.__version__) < Version(TRL_BELOW)):
     import warnings
 
@@ -138,7 +138,7 @@ class IWSFTConfig(SFTConfig):
         if self.iw_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"iw_backend must be 'auto', 'triton' or 'torch', got "
                              f"{self.iw_backend!r}")
-        if self.loss_type != "nll":
+        if self.loss_type not in ("nll", "chunked_nll"):  # both mean plain NLL in TRL
             raise ValueError(
                 f"IWSFTConfig: loss_type={self.loss_type!r} cannot be honoured, IWSFTTrainer "
                 f"computes its own weighted loss. For DFT use iw_mode='token', "
@@ -150,6 +150,9 @@ class IWSFTConfig(SFTConfig):
         if self.iw_zero_reference and self.iw_mode == "sft":
             raise ValueError("IWSFTConfig: iw_zero_reference only applies to iw_mode='token' or "
                              "'sequence' (mode 'sft' uses no reference).")
+        if self.iw_mode == "sft" and self.ref_model_name_or_path is not None:
+            raise ValueError("IWSFTConfig: ref_model_name_or_path is unused with iw_mode='sft' "
+                             "(weights 1); drop it or pick iw_mode='token' / 'sequence'.")
         if self.iw_zero_reference and self.ref_model_name_or_path is not None:
             raise ValueError("IWSFTConfig: give either iw_zero_reference=True or "
                              "ref_model_name_or_path, not both.")
@@ -255,10 +258,11 @@ class IWSFTTrainer(SFTTrainer):
 
     After construction: ``trainer.iw_reference`` tells where the reference log-probs came from
     ({"source": "computed" | "cache" | "zero" | None, "cache_dir", "fingerprint", ...}).
-    Logged next to TRL's metrics (train): ``iw/weight_mean``, ``iw/weight_min``,
-    ``iw/weight_max``, ``iw/ess_fraction``, ``iw/clip_frac_max``, ``iw/clip_frac_min``,
-    ``iw/log_ratio_mean`` over the logging window (units: sequences in sequence mode, target
-    tokens otherwise)."""
+    Logged next to TRL's metrics (train), over the logging window and all ranks:
+    ``iw/weight_mean``, ``iw/weight_min``, ``iw/weight_max``, ``iw/ess_fraction``
+    ((sum w)^2 / sum w^2 / count), ``iw/clip_frac_max``, ``iw/clip_frac_min``,
+    ``iw/log_ratio_mean`` (units: sequences in sequence mode, target tokens otherwise), and
+    ``iw/nll``, the unweighted mean token NLL (``loss`` is the weighted loss)."""
 
     _tag_names = ["trl", "sft", "iwsft"]
     _name = "IW-SFT"
@@ -591,7 +595,7 @@ class IWSFTTrainer(SFTTrainer):
             else:
                 n_tok = self.accelerator.gather_for_metrics(torch.tensor(
                     inputs["input_ids"].size(1), device=inputs["input_ids"].device)).sum()
-            self._total_train_tokens += int(n_tok.item()) // self._tp_size
+            self._total_train_tokens += int(n_tok.item()) // getattr(self, "_tp_size", 1)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         if return_outputs:
@@ -614,13 +618,14 @@ class IWSFTTrainer(SFTTrainer):
         lr = float(s.get("log_ratio_mean", float("nan")))
         vals.append(lr * n if n and math.isfinite(lr) else 0.0)
         vals.append(n if n and math.isfinite(lr) else 0.0)
+        vals += [-float(out.token_logprobs.detach().double().sum()), float(out.num_targets)]
         wmin = float(s["weight_min"]) if n else math.inf
         wmax = float(s["weight_max"]) if n else -math.inf
         dev = self.accelerator.device
         row = torch.tensor(vals + [-wmin, wmax], dtype=torch.float64, device=dev)[None]
         rows = self.accelerator.gather(row).reshape(-1, row.shape[1]).cpu()
-        tot = rows[:, :7].sum(0)
-        ext = rows[:, 7:].max(0).values
+        tot = rows[:, :-2].sum(0)
+        ext = rows[:, -2:].max(0).values
         if self._iw_window is None:
             self._iw_window = (tot, ext)
         else:
@@ -629,12 +634,13 @@ class IWSFTTrainer(SFTTrainer):
     def _window_metrics(self) -> dict[str, float]:
         if self._iw_window is None:
             return {}
-        (n, s1, s2, chi, clo, lrs, lrn), (neg_min, wmax) = (self._iw_window[0].tolist(),
-                                                            self._iw_window[1].tolist())
+        (n, s1, s2, chi, clo, lrs, lrn, nll, n_tgt), (neg_min, wmax) = (
+            self._iw_window[0].tolist(), self._iw_window[1].tolist())
         self._iw_window = None
+        out = {"iw/nll": nll / n_tgt} if n_tgt > 0 else {}
         if n <= 0:
-            return {}
-        out = {"iw/weight_mean": s1 / n, "iw/weight_min": -neg_min, "iw/weight_max": wmax,
+            return out
+        out |= {"iw/weight_mean": s1 / n, "iw/weight_min": -neg_min, "iw/weight_max": wmax,
                "iw/ess_fraction": (s1 * s1 / s2 / n) if s2 > 0 else 0.0,
                "iw/clip_frac_max": chi / n, "iw/clip_frac_min": clo / n}
         if lrn > 0:

@@ -64,17 +64,32 @@ def ref_dir(tok, tmp_path_factory):
     return str(d)
 
 
-def dataset(n, long=False, start=0):
-    """Conversational prompt/completion: TRL masks the prompt (completion-only loss)."""
+def dataset(n, long=False, start=0, messages=False):
+    """Conversational prompt/completion (TRL masks the prompt: completion-only loss), or
+    `messages` (with assistant_only_loss=True and a {% generation %} template: assistant-only)."""
     out = []
     for r in ROWS[start:start + n]:
         answer = r["deepseek_attempt"]
         if long:
             answer = f"<think>\n{r['deepseek_thinking_trajectory']}\n</think>\n\n{answer}"
-        out.append({"prompt": [{"role": "user", "content": r["question"]}],
-                    "completion": [{"role": "assistant", "content": answer}],
-                    "quality": r["quality"]})
+        user = [{"role": "user", "content": r["question"]}]
+        assistant = [{"role": "assistant", "content": answer}]
+        row = {"messages": user + assistant} if messages else {"prompt": user,
+                                                                "completion": assistant}
+        out.append({**row, "quality": r["quality"]})
     return datasets.Dataset.from_list(out)
+
+
+# the bundled template with {% generation %} markers around the assistant content, so that
+# TRL's assistant_only_loss can find the assistant tokens
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}")
 
 
 class StepOne(TrainerCallback):
@@ -95,9 +110,10 @@ def recording(cls):
             self.rec_inputs = getattr(self, "rec_inputs", [])
             self.rec_inputs.append({k: v.clone() if torch.is_tensor(v) else v
                                     for k, v in inputs.items()})
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            res = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = res[0] if isinstance(res, tuple) else res
             self.rec_losses = getattr(self, "rec_losses", []) + [loss.detach().clone()]
-            return loss
+            return res
     return Recording
 
 
@@ -125,7 +141,8 @@ def naive_iwsft(policy, ref_model, batch, *, mode, T=1.0, w_min=None, w_max=None
     """The method's loss from full float64 logits (DESIGN §1), on a collated batch.
     Sequences: rows, or (padding-free) runs of position_ids starting at 0. Target of position t
     is labels[t + 1] when t + 1 is in the same sequence. D = number of targets.
-    Returns (loss, weight of each target, weight of each unit: sequence or target token)."""
+    Returns (loss, weight of each target, weight of each unit: sequence or target token,
+    unweighted mean NLL)."""
     ids, labels = batch["input_ids"], batch["labels"]
     if "position_ids" in batch:
         kw = {"position_ids": batch["position_ids"]}
@@ -171,7 +188,7 @@ def naive_iwsft(policy, ref_model, batch, *, mode, T=1.0, w_min=None, w_max=None
         w = w * quality[seg]
     units = w if mode != "sequence" else ws * (1 if quality is None else quality[segs])
     loss = -(w * lp).sum() / m.sum()
-    return loss, w, units
+    return loss, w, units, -lp.detach().mean()
 
 
 def quality_of_sequences(batch, tok):
@@ -203,7 +220,8 @@ CASES = {
     # name: (iw args, packing, quality)
     "sequence-padded": (dict(iw_mode="sequence", gradient_checkpointing=True), False, False),
     "sequence-packed-Q": (dict(iw_mode="sequence", iw_temperature=1.5), True, True),
-    "token-padded-selfnorm": (dict(iw_mode="token", iw_self_normalize=True), False, False),
+    "token-padded-selfnorm-assistant": (dict(iw_mode="token", iw_self_normalize=True,
+                                             assistant_only_loss=True), False, False),
     "token-packed": (dict(iw_mode="token"), True, False),
     "sftQ-padded": (dict(iw_mode="sft"), False, True),
 }
@@ -222,8 +240,17 @@ def test_step1_matches_naive_full_logits(case, tok, ref_dir, tmp_path):
                                      quality_column="quality" if use_q else None,
                                      ref_model_name_or_path=ref_dir if iw["iw_mode"] != "sft"
                                      else None))
-    tr, grads = run(IWSFTTrainer, policy, tok, dataset(8, long=not packing), args)
+    assistant_only = iw.get("assistant_only_loss", False)
+    if assistant_only:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = GENERATION_TEMPLATE
+    tr, grads = run(IWSFTTrainer, policy, tok, dataset(8, long=not packing,
+                                                       messages=assistant_only), args)
     assert len(tr.rec_inputs) == 1
+    if assistant_only:  # labels hold the assistant turns only, end-of-turn marker included
+        row = tr.train_dataset[0]
+        text = tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != -100])
+        assert text.startswith("<think>") and "<|im_start|>" not in text
     batch = tr.rec_inputs[0]
     assert ("position_ids" in batch) == packing and ("attention_mask" in batch) != packing
     if packing:  # several examples share a packed row; the batch is one padding-free row
@@ -232,7 +259,7 @@ def test_step1_matches_naive_full_logits(case, tok, ref_dir, tmp_path):
         assert batch["input_ids"].shape == (8, 128) and bool((batch["attention_mask"] == 0).any())
 
     q = quality_of_sequences(batch, tok) if use_q else None
-    loss, w, units = naive_iwsft(oracle_policy, ref, batch, mode=iw["iw_mode"],
+    loss, w, units, nll = naive_iwsft(oracle_policy, ref, batch, mode=iw["iw_mode"],
                           T=iw.get("iw_temperature", 1.0),
                           self_normalize=iw.get("iw_self_normalize", False), quality=q)
     if iw["iw_mode"] != "sft" or use_q:  # the weights really vary (a vacuous test would pass)
@@ -246,6 +273,7 @@ def test_step1_matches_naive_full_logits(case, tok, ref_dir, tmp_path):
     # the logged weight statistics (units: sequences in sequence mode, else target tokens)
     logged = tr.state.log_history[0]
     assert "num_tokens" in logged and "loss" in logged
+    assert abs(logged["iw/nll"] - float(nll)) < 1e-5 * float(nll)
     for k, v in {"iw/weight_mean": units.mean(), "iw/weight_min": units.min(),
                  "iw/weight_max": units.max(),
                  "iw/ess_fraction": units.sum() ** 2 / (units ** 2).sum() / units.numel()}.items():
@@ -352,7 +380,7 @@ def test_lora_step1_matches_naive(tok, ref_dir, tmp_path):
             p.data.copy_(state[n])
     assert all(float(p.abs().max()) == 0 for n, p in oracle.named_parameters() if "lora_B" in n)
     ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir)
-    loss, w, _ = naive_iwsft(oracle.get_base_model(), ref, tr.rec_inputs[0], mode="sequence")
+    loss, w, _, _ = naive_iwsft(oracle.get_base_model(), ref, tr.rec_inputs[0], mode="sequence")
     assert w.std() > 0.05 * w.mean()
     loss.backward()
     torch.testing.assert_close(tr.rec_losses[0].double(), loss.detach(), rtol=1e-5, atol=1e-7)
@@ -402,3 +430,20 @@ def test_importing_integrations_does_not_need_trl(monkeypatch):
     monkeypatch.delitem(sys.modules, "iwsft_kernels.integrations.trl")
     with pytest.raises(ImportError, match=r"iwsft-kernels\[trl\]"):
         importlib.import_module("iwsft_kernels.integrations.trl")
+
+
+def test_example_script_runs(tmp_path):
+    """examples/trl_iwsft.py on the bundled model (vocabulary 151,936) and data, shortened."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trl_iwsft", ROOT / "examples" / "trl_iwsft.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    res = example.main(["--output-dir", str(tmp_path), "--max-steps", "1", "--max-examples", "8",
+                        "--recipe", "sequence-q", "--max-length", "128"])
+    assert res["steps"] == 1
+    first = res["first"]
+    # step 1: the policy is the reference, so the log-ratio is ~0 and w = quality
+    assert abs(first["iw/log_ratio_mean"]) < 1e-4
+    assert 0.1 < first["iw/weight_mean"] < 1.0 and first["iw/weight_max"] <= 0.9 + 1e-6
+    assert 11.0 < first["iw/nll"] < 13.0  # ~ log(151936) = 11.93 for the random model
