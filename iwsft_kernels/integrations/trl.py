@@ -65,6 +65,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 from packaging.version import Version
 
 from ..config import IWConfig
+from ..trainer.refcache import RefCacheMismatch, compute_ref_logprobs
 from .causal_lm import apply_iwsft_to_model, sequence_starts
 
 TRL_MIN, TRL_BELOW = "1.14.2", "1.17.0"  # the tested range; [trl] extra in pyproject.toml
@@ -75,15 +76,12 @@ if not (Version(TRL_MIN) <= Version(trl.__version__) < Version(TRL_BELOW)):
                   f"found trl {trl.__version__}. It relies on SFTTrainer internals "
                   f"(_prepare_dataset, DataCollatorForLanguageModeling).", stacklevel=2)
 
+__all__ = ["IWDataCollator", "IWSFTConfig", "IWSFTTrainer", "RefCacheMismatch", "REF_COLUMN",
+           "QUALITY_COLUMN"]
+
 REF_COLUMN = "iw_ref_logprobs"  # per token, aligned with labels
 QUALITY_COLUMN = "iw_quality"  # per token: the example's quality repeated
 _IW_COLUMNS = (REF_COLUMN, QUALITY_COLUMN)
-_STAT_KEYS = ("weight_mean", "weight_min", "weight_max", "ess_fraction", "clip_frac_max",
-              "clip_frac_min", "log_ratio_mean")
-
-
-class RefCacheMismatch(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------------------- config
@@ -257,7 +255,8 @@ class IWSFTTrainer(SFTTrainer):
     docstring). Same constructor as ``SFTTrainer``; ``args`` must be an :class:`IWSFTConfig`.
 
     After construction: ``trainer.iw_reference`` tells where the reference log-probs came from
-    ({"source": "computed" | "cache" | "zero" | None, "cache_dir", "fingerprint", ...}).
+    ({"source": "computed" | "cache" | "zero" | None, "cache_dir", "parts" (the fingerprint's
+    components), "model"}).
     Logged next to TRL's metrics (train), over the logging window and all ranks:
     ``iw/weight_mean``, ``iw/weight_min``, ``iw/weight_max``, ``iw/ess_fraction``
     ((sum w)^2 / sum w^2 / count), ``iw/clip_frac_max``, ``iw/clip_frac_min``,
@@ -328,11 +327,10 @@ class IWSFTTrainer(SFTTrainer):
         self._check_supported()
 
         # patch the model TRL built (under PEFT: the transformers model inside the wrapper)
-        self._iw_config = args.iw_config
-        self._iw_train_config = self._iw_config
+        self._iw_train_config = args.iw_config
         self._iw_eval_config = IWConfig(mode="sft")
         self._iw_patched = self._unwrapped_lm(self.model)
-        apply_iwsft_to_model(self._iw_patched, self._iw_config, backend=args.iw_backend)
+        apply_iwsft_to_model(self._iw_patched, self._iw_train_config, backend=args.iw_backend)
 
         if args.quality_column and self._skip_prepare_dataset:
             self.train_dataset = self._quality_per_token(self.train_dataset, args)
@@ -359,7 +357,8 @@ class IWSFTTrainer(SFTTrainer):
             raise ValueError("IWSFTTrainer does not add the MoE router auxiliary loss; set "
                              "router_aux_loss_coef=0.0 or use a dense model")
         pc = getattr(self.accelerator, "parallelism_config", None)
-        if pc is not None and (getattr(pc, "cp_enabled", False) or getattr(pc, "sp_enabled", False)):
+        if pc is not None and (getattr(pc, "cp_enabled", False)
+                               or getattr(pc, "sp_enabled", False)):
             raise ValueError("IWSFTTrainer does not support context / sequence parallelism (the "
                              "sequence weights need whole sequences on one rank)")
         lm = self._unwrapped_lm(self.model)
@@ -494,9 +493,6 @@ class IWSFTTrainer(SFTTrainer):
     def _attach_reference(self) -> None:
         import datasets
 
-        from ..trainer.refcache import RefCacheMismatch as _Mismatch
-        from ..trainer.refcache import compute_ref_logprobs
-
         a = self.args
         ds = self.train_dataset
         if not isinstance(ds, datasets.Dataset):
@@ -534,7 +530,7 @@ class IWSFTTrainer(SFTTrainer):
                 refs = compute_ref_logprobs(self.accelerator, ref_model, types.SimpleNamespace(
                     examples=rows), cache_dir, parts, pad_id=self._tokenizer.pad_token_id,
                     batch_size=batch_size, collate_fn=self._ref_collate)
-        except _Mismatch as e:
+        except RefCacheMismatch as e:
             raise RefCacheMismatch(f"{e} (IWSFTTrainer: delete that folder or set "
                                    f"IWSFTConfig.ref_cache_dir to another one)") from None
         finally:

@@ -365,15 +365,18 @@ def test_reference_cache_reused_and_refused_on_changed_data(tok, tmp_path):
 
 
 def test_lora_step1_matches_naive(tok, ref_dir, tmp_path):
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                           target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    """LoRA on q/v plus a trainable copy of lm_head (modules_to_save): the loss finds the output
+    embedding through PEFT's wrapper and trains the copy."""
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           modules_to_save=["lm_head"], task_type="CAUSAL_LM")
     args = IWSFTConfig(**common_args(tmp_path, iw_mode="sequence", max_length=72,
                                      ref_model_name_or_path=ref_dir, gradient_checkpointing=True))
-    policy = tiny_qwen(tok, seed=0)
+    policy = tiny_qwen(tok, seed=0, tied=False)
     tr, grads = run(IWSFTTrainer, policy, tok, dataset(8, long=True), args, peft_config=lora)
-    assert grads and all("lora_" in n for n in grads)
+    assert grads and all("lora_" in n or "modules_to_save" in n for n in grads)
+    assert any("lm_head.modules_to_save" in n for n in grads)
     # the oracle: the same adapter model rebuilt from the step-1 state (B = 0 before the update)
-    oracle = peft.get_peft_model(tiny_qwen(tok, seed=0), copy.deepcopy(lora))
+    oracle = peft.get_peft_model(tiny_qwen(tok, seed=0, tied=False), copy.deepcopy(lora))
     state = {n: p for n, p in tr.model.state_dict().items()}
     for n, p in oracle.named_parameters():
         if "lora_A" in n:
