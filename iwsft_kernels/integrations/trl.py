@@ -536,7 +536,9 @@ class IWSFTTrainer(SFTTrainer):
         finally:
             ref_model.train(was_training)
             if loaded:
-                del ref_model
+                del ref_model, ref_core
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         bad = [i for i, (r, row) in enumerate(zip(refs, rows)) if r is None or
                r.numel() != len(row.input_ids)]
         if bad:
