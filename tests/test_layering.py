@@ -26,6 +26,8 @@ LAYERS = {
     "iwsft_kernels": 6,
     "iwsft_kernels.integrations": 7,
     "iwsft_kernels.trainer": 8,
+    # the TRL trainer sits on top: it reuses the trainer's reference-log-prob cache
+    "iwsft_kernels.integrations.trl": 9,
 }
 
 

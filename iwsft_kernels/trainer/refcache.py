@@ -68,8 +68,13 @@ def _atomic_save(obj, path: Path) -> None:
 @torch.no_grad()
 def compute_ref_logprobs(accelerator, model, data: TokenizedData, cache_dir: str | Path,
                          parts: dict, pad_id: int, batch_size: int = 8,
-                         _stop_after_batches: int | None = None) -> list[torch.Tensor]:
-    """Per example, a (len(input_ids),) fp32 tensor aligned with its labels."""
+                         _stop_after_batches: int | None = None,
+                         collate_fn=None) -> list[torch.Tensor]:
+    """Per example, a (len(input_ids),) fp32 tensor aligned with its labels.
+
+    `data.examples` only needs items with `input_ids` (for the lengths); `collate_fn(examples)`
+    (default: `collate(examples, pad_id)`) makes the model's keyword arguments, row j of the
+    batch holding example j from column 0 (right padding, or one packed row per batch)."""
     cache = Path(cache_dir)
     fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     meta = {"fingerprint": fp, "parts": parts, "batch_size": batch_size}
@@ -118,9 +123,9 @@ def compute_ref_logprobs(accelerator, model, data: TokenizedData, cache_dir: str
                 raise PrecomputeInterrupted(f"stopped after {n_round * world} batches")
             k = ks[rank] if rank < len(ks) else ks[0]
             exs = [data.examples[i] for i in batches[k]]
-            b = collate(exs, pad_id)
-            b.pop("quality")
-            b = {n: t.to(accelerator.device) for n, t in b.items()}
+            b = collate(exs, pad_id) if collate_fn is None else collate_fn(exs)
+            b.pop("quality", None)
+            b = {n: t.to(accelerator.device) if torch.is_tensor(t) else t for n, t in b.items()}
             lp = model(**b, return_logprobs_only=True).token_logprobs.float().cpu()
             if rank < len(ks):
                 _atomic_save({"index": batches[k],
