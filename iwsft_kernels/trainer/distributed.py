@@ -54,7 +54,8 @@ def make_accelerator(**kwargs):
         return Accelerator(cpu=False, kwargs_handlers=handlers, **kwargs)
     acc = Accelerator(cpu=cpu, **kwargs)
     state = acc.state
-    if cpu and _env_flag("ACCELERATE_USE_FSDP") and state.distributed_type == DistributedType.MULTI_CPU:
+    if (cpu and _env_flag("ACCELERATE_USE_FSDP")
+            and state.distributed_type == DistributedType.MULTI_CPU):
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate set
@@ -152,6 +153,8 @@ def prepare_reference_model(acc, load):
             "--ref-model under DeepSpeed is not supported (it would need its own DeepSpeed "
             "engine); leave --ref-model unset (the reference is then the starting model) or use "
             "FSDP2 (configs/accelerate/fsdp2.yaml)")
+    if is_fsdp(acc) and not acc.is_fsdp2:
+        raise DistributedSetupError("a sharded --ref-model needs FSDP2 (fsdp_version: 2)")
     ref_model = load()
     ref_model.requires_grad_(False)
     ref_model.eval()
@@ -159,8 +162,6 @@ def prepare_reference_model(acc, load):
     if is_fsdp(acc):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        if not acc.is_fsdp2:
-            raise DistributedSetupError("a sharded --ref-model needs FSDP2 (fsdp_version: 2)")
         ref_model = fsdp2_prepare_model(acc, ref_model)
         placement = f"sharded (FSDP2) over {acc.num_processes} ranks"
     else:
