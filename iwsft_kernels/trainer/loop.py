@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from .. import IWConfig
 from ..integrations import apply_iwsft_to_model
 from .config import ASSETS, DEFAULT_MODEL, TrainConfig
 from .data import collate, load_records, tokenize_dataset
+from .distributed import (configure_deepspeed, describe, final_state_dict, make_accelerator,
+                          model_freed, param_ndim, prepare_reference_model, sharding_report)
 from .refcache import compute_ref_logprobs, fingerprint_parts, model_identity
 from .sampler import StepSampler, rank_micro_batches
 
@@ -178,7 +181,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 # -------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig) -> dict:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -194,12 +196,13 @@ def train(cfg: TrainConfig) -> dict:
             log_with = "tensorboard"
         except ImportError:
             log_with = None
-    # cpu=True without CUDA: torchrun-launched CPU processes then form a gloo group (MULTI_CPU)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no",
-                      gradient_accumulation_steps=cfg.grad_accum,
-                      log_with=None if log_with in (None, "none") else log_with,
-                      project_dir=str(out_dir))
+    # cpu=True without CUDA: launched CPU processes form a gloo group; FSDP2 kept on CPU ranks
+    acc = make_accelerator(mixed_precision="bf16" if bf16 else "no",
+                           gradient_accumulation_steps=cfg.grad_accum,
+                           log_with=None if log_with in (None, "none") else log_with,
+                           project_dir=str(out_dir))
     say = acc.print
+    say(describe(acc))
     set_seed(cfg.seed)
     iw = IWConfig(**cfg.iw_kwargs())
     lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model == DEFAULT_MODEL else 1e-5)
@@ -246,25 +249,39 @@ def train(cfg: TrainConfig) -> dict:
                           quality=[ex.quality for ex in examples] if cfg.sampling == "quality"
                           else None)
     total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if param_ndim(p) >= 2]  # matrices; not norms/biases
+    no_decay = [p for p in model.parameters() if param_ndim(p) < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total), total)
+    configure_deepspeed(acc, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, opt = acc.prepare(model, opt)
+    # after prepare: DeepSpeed rebuilds the optimizer's param groups
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total), total)
     acc.register_for_checkpointing(sched)  # stepped by hand: once per optimizer step
     dev = acc.device
+    dist_report = sharding_report(acc, model)
+    say(f"policy: {dist_report['param_mib_per_rank']:.1f} MiB of parameters per rank (full "
+        f"model {dist_report['param_mib_full']:.1f} MiB)")
 
     # 3. reference log-probs (before any update: q_ref = the starting model unless --ref-model)
-    ref = None
+    ref, ref_report = None, None
     if iw.needs_reference:
         ref_name = cfg.ref_model or cfg.model
         if cfg.ref_model:
-            ref_model, ref_id = load_model(cfg.ref_model, cfg)
-            apply_iwsft_to_model(ref_model, iw, backend=cfg.loss_backend)
-            ref_model = ref_model.to(dev)  # replicated: fine for models that fit one device
-        else:
+            loaded = {}
+
+            def load_ref():
+                m, loaded["id"] = load_model(cfg.ref_model, cfg)
+                return apply_iwsft_to_model(m, iw, backend=cfg.loss_backend)
+
+            # frozen, eval mode; FSDP2-sharded like the policy under FSDP, else replicated
+            ref_model, ref_report = prepare_reference_model(acc, load_ref)
+            ref_id = loaded["id"]
+            say(f"reference model ({cfg.ref_model}): {ref_report['placement']}, "
+                f"{ref_report['param_mib_per_rank']:.1f} MiB of parameters per rank "
+                f"(full model {ref_report['param_mib_full']:.1f} MiB)")
+        else:  # the starting model: the policy itself (already prepared), before any update
             ref_model, ref_id = model, identity
         parts = fingerprint_parts(data, tok, ref_id, cfg.max_length)
         cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else out_dir / "ref_logprobs"
@@ -272,7 +289,14 @@ def train(cfg: TrainConfig) -> dict:
         ref = compute_ref_logprobs(acc, ref_model, data, cache_dir, parts, tok.pad_token_id,
                                    cfg.ref_batch_size)
         say(f"reference log-probs ({ref_name}): {cache_dir} ({time.perf_counter() - t0:.1f} s)")
-        del ref_model
+        if cfg.ref_model:
+            alive = weakref.ref(ref_model)
+            del ref_model
+            ref_report["freed"] = model_freed(alive, dev)
+            if not ref_report["freed"]:
+                say("warning: the reference model is still referenced after its pass")
+        else:
+            del ref_model
 
     # 4. resume
     start, state = 0, {}
@@ -362,7 +386,7 @@ def train(cfg: TrainConfig) -> dict:
         final = out_dir / "final"
         unwrapped = acc.unwrap_model(model)
         unwrapped.save_pretrained(final, is_main_process=acc.is_main_process,
-                                  save_function=acc.save, state_dict=acc.get_state_dict(model))
+                                  save_function=acc.save, state_dict=final_state_dict(acc, model))
         if acc.is_main_process:
             tok.save_pretrained(final)
         summary["final_dir"] = str(final)
@@ -378,6 +402,9 @@ def train(cfg: TrainConfig) -> dict:
         summary["tokens_per_s"] = sum(h["tokens"] for h in history) / sum(
             h["step_time_s"] for h in history)
     summary["peak_mem_gib"] = _peak_mem_gib(dev)
+    summary["distributed"] = dist_report
+    if ref_report is not None:
+        summary["ref_model_memory"] = ref_report
     summary["wall_s"] = time.perf_counter() - t_start
     acc.end_training()
     if acc.is_main_process:
