@@ -1,16 +1,19 @@
 // Native CPU epilogue of the chunked iw-SFT loss (docs/design.md §3-§4).
 //
 // Two ops on one fp32 logits chunk z (m, V), both in place, registered as
-//   torch.ops.iwsft_native.chunk_forward(Tensor(a!) z, Tensor y) -> (Tensor logp, Tensor rowsum)
+//   torch.ops.iwsft_native.chunk_forward(Tensor(a!) z, Tensor y) -> (Tensor logp, Tensor rest)
 //   torch.ops.iwsft_native.softmax_grad_(Tensor(a!) e, Tensor y, Tensor logp, Tensor coef,
-//                                        Tensor rowsum) -> Tensor(a!)
+//                                        Tensor rest) -> Tensor(a!)
 // They are the twins of TorchOps.chunk_forward / TorchOps.softmax_grad
 // (iwsft_kernels/backends/torch_ops.py):
 //   chunk_forward: per row, sweep 1 reads the row max and the target logit; sweep 2 writes
-//     e = exp(z - max) in place and sums it. logp = (z_y - max) - log(sum), clamped to <= 0
-//     (subtracting the max first keeps logp exact when p_y -> 1).
-//   softmax_grad_: per row, e <- (coef / sum) * e, then e[y] = coef * expm1(logp): the
-//     target entry p_y - 1 is never formed by cancellation (peaked rows, p_y ~ 0.999).
+//     e = exp(z - max) in place and sums it *without one arg-max entry*: rest = sum of e
+//     over the entries below the max, plus (number of entries equal to the max) - 1, so
+//     that the full sum is 1 + rest and 1 + rest is never rounded. logp = (z_y - max) -
+//     log1p(rest), clamped to <= 0: exact to fp32 relative rounding as p_y -> 1 (log(sum)
+//     would quantise logp to multiples of 2^-24 and give exactly 0 for 1 - p_y < 6e-8).
+//   softmax_grad_: per row, e <- (coef / (1 + rest)) * e, then e[y] = coef * expm1(logp):
+//     the target entry p_y - 1 is never formed by cancellation.
 //
 // Dtypes: all arithmetic is fp32 and z is always fp32 here. 16-bit (bf16/fp16) inputs are
 // covered too: the chunk driver builds the logits chunk in fp32 for every compute dtype
@@ -85,11 +88,11 @@ std::tuple<at::Tensor, at::Tensor> chunk_forward(at::Tensor z, const at::Tensor&
   const at::Tensor y = y_in.contiguous();
   const int64_t m = z.size(0), V = z.size(1);
   at::Tensor logp = at::empty({m}, z.options());
-  at::Tensor rowsum = at::empty({m}, z.options());
+  at::Tensor rowrest = at::empty({m}, z.options());
   float* zp = z.data_ptr<float>();
   const int64_t* yp = y.data_ptr<int64_t>();
   float* lp = logp.data_ptr<float>();
-  float* sp = rowsum.data_ptr<float>();
+  float* sp = rowrest.data_ptr<float>();
   at::parallel_for(0, m, grain_rows(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = zp + r * V;
@@ -101,32 +104,40 @@ std::tuple<at::Tensor, at::Tensor> chunk_forward(at::Tensor z, const at::Tensor&
       float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
       for (int64_t j = 0; j < V; ++j) mx = row[j] > mx ? row[j] : mx;
-      // sweep 2: e = exp(z - max) in place, and its sum: fp32 vector partial sums over
-      // blocks of kBlock entries, blocks added in double (the rounding error of a plain
+      // sweep 2: e = exp(z - max) in place, and the sum of the entries below the max (those
+      // equal to the max are counted instead, each is exactly 1): fp32 vector partial sums
+      // over blocks of kBlock entries, blocks added in double (the rounding error of a plain
       // running fp32 sum over V = 152k terms reaches ~1e-5 relative; this stays ~1e-7)
       double total = 0.0;
+      int64_t at_max = 0;
       for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
         const int64_t j1 = std::min<int64_t>(V, j0 + kBlock);
         float bs = 0.0f;
-#pragma omp simd reduction(+ : bs)
+        int32_t bc = 0;
+#pragma omp simd reduction(+ : bs, bc)
         for (int64_t j = j0; j < j1; ++j) {
-          const float e = exp_nonpos(row[j] - mx);
+          const float zj = row[j];
+          const float e = exp_nonpos(zj - mx);
+          const bool top = zj == mx;  // false for NaN: a NaN entry's e (NaN) is summed
           row[j] = e;
-          bs += e;
+          bs += top ? 0.0f : e;
+          bc += top ? 1 : 0;
         }
         total += bs;
+        at_max += bc;
       }
-      const float s = static_cast<float>(total);
-      const float l = (zt - mx) - std::log(s);
+      // one arg-max entry is left out of the sum (it is the 1 in 1 + rest)
+      const float rest = static_cast<float>(total + static_cast<double>(at_max - 1));
+      const float l = (zt - mx) - std::log1p(rest);
       lp[r] = std::min(l, 0.0f);  // keeps NaN (std::min returns its first argument)
-      sp[r] = s;
+      sp[r] = rest;
     }
   });
-  return std::make_tuple(logp, rowsum);
+  return std::make_tuple(logp, rowrest);
 }
 
 at::Tensor softmax_grad_(at::Tensor e, const at::Tensor& y_in, const at::Tensor& logp_in,
-                         const at::Tensor& coef_in, const at::Tensor& rowsum_in) {
+                         const at::Tensor& coef_in, const at::Tensor& rest_in) {
   check_chunk(e, y_in, "iwsft_native::softmax_grad_");
   const int64_t m = e.size(0), V = e.size(1);
   auto vec = [m](const at::Tensor& t, const char* name) {
@@ -136,17 +147,17 @@ at::Tensor softmax_grad_(at::Tensor e, const at::Tensor& y_in, const at::Tensor&
   };
   const at::Tensor y = y_in.contiguous();
   const at::Tensor logp = vec(logp_in, "logp"), coef = vec(coef_in, "coef"),
-                   rowsum = vec(rowsum_in, "rowsum");
+                   rest = vec(rest_in, "rest");
   float* ep = e.data_ptr<float>();
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* lp = logp.data_ptr<float>();
   const float* cp = coef.data_ptr<float>();
-  const float* sp = rowsum.data_ptr<float>();
+  const float* sp = rest.data_ptr<float>();
   at::parallel_for(0, m, grain_rows(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = ep + r * V;
       const float c = cp[r];
-      const float k = c / sp[r];
+      const float k = c / (1.0f + sp[r]);
 #pragma omp simd
       for (int64_t j = 0; j < V; ++j) row[j] *= k;
       const int64_t t = yp[r];
@@ -162,7 +173,7 @@ at::Tensor softmax_grad_(at::Tensor e, const at::Tensor& y_in, const at::Tensor&
 
 TORCH_LIBRARY(iwsft_native, lib) {
   lib.def("chunk_forward(Tensor(a!) z, Tensor y) -> (Tensor, Tensor)");
-  lib.def("softmax_grad_(Tensor(a!) e, Tensor y, Tensor logp, Tensor coef, Tensor rowsum) "
+  lib.def("softmax_grad_(Tensor(a!) e, Tensor y, Tensor logp, Tensor coef, Tensor rest) "
           "-> Tensor(a!)");
 }
 

@@ -50,7 +50,7 @@ class _FusedLinearIWSFT(torch.autograd.Function):
         out = []
         for g in grads:
             if g is not None:
-                g.mul_(grad_loss.to(g.dtype))
+                g.mul_(grad_loss)  # fp32 scalar: not rounded to g.dtype first
             out.append(g)
         return out[0], out[1], out[2], None
 

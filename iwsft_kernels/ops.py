@@ -129,7 +129,7 @@ def _backward(ctx, grad_loss, *_unused):
     dh, dw, db = ctx.saved_tensors
     out = []
     for g, needed in zip((dh, dw, db), ctx.need):
-        out.append(g * grad_loss.to(g.dtype) if needed else None)
+        out.append(g * grad_loss if needed else None)  # result in g.dtype; scalar not rounded
     # one gradient per op input: hidden, weight, bias, then 18 non-differentiable ones
     return (out[0], out[1], out[2]) + (None,) * 18
 

@@ -30,12 +30,14 @@ def test_epilogue(rng, zdtype, gdtype):
     z = (3 * torch.randn(m, V, generator=rng)).to(zdtype).to(DEVICE)
     y = torch.randint(0, V, (m,), generator=rng).to(DEVICE)
     c = torch.randn(m, generator=rng).to(DEVICE)
-    lse, logp = triton_epilogue.row_lse(z.clone(), y)
+    mx, rest, logp = triton_epilogue.row_lse(z.clone(), y)
     ops = torch_ops.TorchOps()
     logp_t, state = ops.chunk_forward(z.clone().float(), y)
-    torch.testing.assert_close(lse, torch.logsumexp(z.float(), 1))
+    # state: (max, rest = row sum of exp(z - max) without one arg-max entry)
+    torch.testing.assert_close(mx + torch.log1p(rest), torch.logsumexp(z.float(), 1))
+    torch.testing.assert_close(rest, state[1], rtol=2e-6, atol=0)
     torch.testing.assert_close(logp, logp_t)
-    g = triton_epilogue.softmax_grad(z.clone(), y, lse, c, torch.expm1(logp), gdtype)
+    g = triton_epilogue.softmax_grad(z.clone(), y, mx, rest, c, torch.expm1(logp), gdtype)
     g_t = ops.softmax_grad(state, y, logp_t, c, gdtype)
     assert g.dtype == gdtype
     tol = 0 if gdtype == torch.float32 else 8e-3  # one bf16 rounding may differ

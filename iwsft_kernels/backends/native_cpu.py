@@ -247,7 +247,8 @@ def _reset_for_tests():
 class NativeTorchOps(TorchOps):
     """TorchOps with the per-chunk epilogue (chunk_forward, softmax_grad) done by the native
     CPU kernels; anything they do not cover (non-CPU or non-contiguous chunks) goes to the
-    pure torch code. The state between the two is (e, rowsum), as in TorchOps."""
+    pure torch code. The state between the two is (e, rest), as in TorchOps (rest = the row's
+    sum of e without one arg-max entry)."""
 
     name = "torch+native"
 

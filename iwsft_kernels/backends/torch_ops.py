@@ -59,20 +59,26 @@ class TorchOps:
 
     # -- one-pass chunk: logp, then the weighted softmax-minus-onehot gradient -----------
     def chunk_forward(self, z, y):
-        """Consumes z (fp32, owned): z <- exp(z - max). Returns logp (m,) and the state that
-        softmax_grad finishes from. logp = (z_y - max) - log(sum): subtracting max first keeps
-        it exact when p_y -> 1 (z_y - lse would cancel at |z| * 2^-24)."""
+        """Consumes z (fp32, owned): z <- e = exp(z - max). Returns logp (m,) and the state
+        (e, rest) that softmax_grad finishes from, where rest = the sum of e over every entry
+        except ONE arg-max entry (whose e is exactly 1), so sum(e) = 1 + rest without ever
+        rounding 1 + rest. logp = (z_y - max) - log1p(rest): exact to fp32 relative rounding
+        even when p_y -> 1 (log(1 + rest) would quantise logp to multiples of 2^-24 and give
+        exactly 0 for 1 - p_y < 6e-8)."""
         t = z.gather(1, y[:, None]).squeeze(1)
-        mx = z.amax(dim=1)
-        z.sub_(mx[:, None]).exp_()
-        s = z.sum(dim=1)
-        return ((t - mx) - s.log()).clamp_(max=0.0), (z, s)
+        mx, arg = z.max(dim=1, keepdim=True)
+        e = z.sub_(mx).exp_()
+        e.scatter_(1, arg, 0.0)
+        rest = e.sum(dim=1)
+        e.scatter_(1, arg, 1.0)
+        return ((t - mx.squeeze(1)) - torch.log1p(rest)).clamp_(max=0.0), (e, rest)
 
     def softmax_grad(self, state, y, logp, coef, out_dtype):
-        """G = coef_i * (softmax_i - onehot(y_i)), fp32; the target entry is
-        coef_i * expm1(logp_i) (no cancellation when p_y -> 1). Returns G in fp32 (reuses z)."""
-        e, s = state
-        g = e.mul_((coef / s)[:, None])
+        """G = coef_i * (softmax_i - onehot(y_i)), fp32: off target coef_i * e_ij / (1 + rest_i),
+        on target coef_i * expm1(logp_i) = coef_i * (p_y - 1) without cancellation when
+        p_y -> 1 (logp is exact there, see chunk_forward). Returns G in fp32 (reuses e)."""
+        e, rest = state
+        g = e.mul_((coef / (1.0 + rest))[:, None])
         g.scatter_(1, y[:, None], (coef * torch.expm1(logp))[:, None])
         return g
 

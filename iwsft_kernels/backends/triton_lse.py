@@ -3,11 +3,16 @@
 For a block of BLOCK_M rows and one split of the vocabulary, the program walks vocabulary
 tiles of BLOCK_N columns; each tile z[BLOCK_M, BLOCK_N] = sum_k h[:, k] W[n, k] is built in
 registers (fp32 accumulator over BLOCK_K steps), then folded into a running
-  m_i = max_j z_ij,   s_i = sum_j exp(z_ij - m_i)   (online logsumexp)
-and the target logit t_i = z_i[y_i] is picked out of the tile that holds column y_i.
-Partial (m, s, t) per split are written to (SPLITS, M) buffers and merged on the host side:
-  m_i = max_s m_si,  log s_i = log sum_s s_si exp(m_si - m_i),  t_i = sum_s t_si,
-  lse_i = m_i + log s_i,  logp_i = (t_i - m_i) - log s_i  (no cancellation when p_y -> 1).
+  m_i = max_j z_ij,   r_i = sum_j exp(z_ij - m_i) over all j but ONE arg-max entry
+(online logsumexp that never adds the arg-max's exact 1 into the sum: the softmax
+denominator is 1 + r_i, never rounded; see triton_epilogue.merge_max_rest), and the target
+logit t_i = z_i[y_i] is picked out of the tile that holds column y_i.
+Partial (m, r, t) per split are written to (SPLITS, M) buffers and merged on the host side
+with the same rule: the split k holding the max keeps its r, every other split adds its full
+sum (1 + r_s) exp(m_s - m_i) (exactly 1 + r_s on a tie), t_i = sum_s t_si, and
+  lse_i = m_i + log1p(r_i),  logp_i = (t_i - m_i) - log1p(r_i)
+which stays exact to fp32 relative rounding as p_y -> 1 (log(sum) would quantise logp to
+multiples of 2^-24 and give exactly 0 for 1 - p_y < 6e-8).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .triton_configs import aligned16, dot_precision, interpreting, lse_config, lse_num_splits
+from .triton_epilogue import merge_max_rest, tile_max_rest
 
 
 @triton.jit
@@ -34,7 +40,7 @@ def _lse_forward_kernel(
     h_rows = H + offs_m.to(tl.int64)[:, None] * stride_hm
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    s_i = tl.zeros([BLOCK_M], tl.float32)
+    s_i = tl.full([BLOCK_M], -1.0, tl.float32)  # (-inf, -1): the empty partial
     t_i = tl.zeros([BLOCK_M], tl.float32)
     tile_lo = pid_s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
@@ -55,9 +61,8 @@ def _lse_forward_kernel(
         if HAS_BIAS:
             z += tl.load(B + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
+        t_max, t_rest = tile_max_rest(z, 1)
+        m_i, s_i = merge_max_rest(m_i, s_i, t_max, t_rest)
         t_i += tl.sum(tl.where(offs_n[None, :] == y[:, None], z, 0.0), axis=1)
     out = pid_s * M + offs_m
     tl.store(M_out + out, m_i, mask=row_ok)
@@ -89,7 +94,10 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: tor
             UPCAST=interpreting(), PRECISION=precision,
             **cfg,
         )
-    m, s, t = part
-    mx = m.amax(dim=0)
-    log_s = (s * torch.exp(m - mx)).sum(dim=0).log()
+    m, r, t = part
+    mx, top = m.max(dim=0, keepdim=True)
+    full = (r + 1.0) * torch.where(m == float("-inf"), 0.0, torch.exp(m - mx))
+    full.scatter_(0, top, r.gather(0, top))  # the split holding the max keeps its rest
+    log_s = torch.log1p(full.sum(dim=0))
+    mx = mx.squeeze(0)
     return mx + log_s, ((t.sum(dim=0) - mx) - log_s).clamp_(max=0.0)

@@ -3,7 +3,8 @@
   logprobs          fused tile kernel (triton_lse.py): no logits in memory (phase 1 and
                     linear_logprobs)
   logits            cuBLAS GEMM of one chunk, fp32 output (torch_ops.chunk_logits)
-  chunk_forward     row logsumexp + target logit over the chunk (triton_epilogue.py)
+  chunk_forward     row (max, rest = sum without one arg-max) + target logit over the chunk
+                    (triton_epilogue.py); logp = (z_y - max) - log1p(rest)
   softmax_grad      G = c (softmax - onehot), fp32 arithmetic, written in the compute dtype
   grad_hidden       cuBLAS dH = G W
   accum_grad_weight fp32 dW += G^T h (triton_grad_weight.py for 16-bit, addmm_ for fp32)
@@ -27,13 +28,14 @@ class TritonOps:
         return chunk_logits(h, W, b)
 
     def chunk_forward(self, z, y):
-        lse, logp = triton_epilogue.row_lse(z, y)
-        return logp, (z, lse)
+        mx, rest, logp = triton_epilogue.row_lse(z, y)
+        return logp, (z, mx, rest)
 
     def softmax_grad(self, state, y, logp, coef, out_dtype):
-        z, lse = state
-        # target entry c * (p_y - 1) = c * expm1(logp): exact when p_y -> 1
-        return triton_epilogue.softmax_grad(z, y, lse, coef, torch.expm1(logp), out_dtype)
+        z, mx, rest = state
+        # target entry c * (p_y - 1) = c * expm1(logp): exact when p_y -> 1 (logp is exact
+        # there: its denominator 1 + rest is never rounded, see triton_epilogue.py)
+        return triton_epilogue.softmax_grad(z, y, mx, rest, coef, torch.expm1(logp), out_dtype)
 
     def grad_hidden(self, g, W):
         return g @ W
