@@ -110,12 +110,16 @@ def kernel_modules() -> list:
 
 
 def all_kernels() -> dict:
-    """{'module.kernel': JITFunction} for every @triton.jit function of the Triton backend."""
+    """{'module.kernel': JITFunction} for every @triton.jit kernel (a launched entry point,
+    named ``*_kernel``) defined in the Triton backend. @triton.jit device functions (helpers
+    that kernels call, e.g. triton_epilogue.tile_max_rest) are compiled inside the kernels
+    that call them; a module that merely imports a JIT function does not count it again."""
     from triton.runtime.jit import JITFunction
     out = {}
     for mod in kernel_modules():
         for name, obj in vars(mod).items():
-            if isinstance(obj, JITFunction):
+            if (isinstance(obj, JITFunction) and name.endswith("_kernel")
+                    and getattr(obj.fn, "__module__", None) == mod.__name__):
                 out[f"{mod.__name__.rsplit('.', 1)[1]}.{name}"] = obj
     return out
 
