@@ -23,7 +23,9 @@ under outputs/curated/ (or --workdir).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -105,6 +107,30 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@contextlib.contextmanager
+def pinned_numerics(native: bool = False):
+    """What a rerun's numbers depend on besides the code and the seeds, fixed for the duration
+    (restored afterwards). The pipeline is chaotic: one rounding difference in q_ref's 1,000
+    training steps changes which answers are sampled and every number after it (measured:
+    docs/repro.md). So: one torch thread (intra-op reductions are split by thread count), and
+    the pure torch loss epilogue unless `native` (whether the native CPU epilogue loads
+    depends on a compiler and the CPU's flags, and it rounds differently)."""
+    import torch
+
+    threads, env = torch.get_num_threads(), os.environ.get("IWSFT_NO_NATIVE")
+    torch.set_num_threads(1)
+    if not native:
+        os.environ["IWSFT_NO_NATIVE"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("IWSFT_NO_NATIVE", None)
+        else:
+            os.environ["IWSFT_NO_NATIVE"] = env
+
+
 def run_trainer(**kw) -> dict:
     """One `iwsft-train` run in this process (the same code path as the CLI)."""
     from accelerate.state import AcceleratorState
@@ -113,8 +139,8 @@ def run_trainer(**kw) -> dict:
     from iwsft_kernels.trainer.loop import train
 
     AcceleratorState._reset_state(True)
-    cfg = TrainConfig(log_with="none", eval_examples=16, bf16="no", warmup_ratio=0.05,
-                      max_length=96, keep_checkpoints=1, **kw)
+    cfg = TrainConfig(**{**dict(log_with="none", eval_examples=16, bf16="no", warmup_ratio=0.05,
+                                max_length=96, keep_checkpoints=1), **kw})
     try:
         return train(cfg)
     finally:
@@ -304,14 +330,20 @@ def plot(res: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- main
-def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
+def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool,
+        native: bool = False) -> dict:
+    # one thread: these models are tiny, and on a shared 2-core machine two spinning OpenMP
+    # threads per process made a training step ~100x slower (measured: 3 s vs 0.02 s); one
+    # thread and the pure torch epilogue also make a rerun give the same numbers
+    with pinned_numerics(native):
+        return _run(sc, work, results, stem, quick)
+
+
+def _run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
     import platform
 
     import torch
 
-    # one thread: these models are tiny, and on a shared 2-core machine two spinning OpenMP
-    # threads per process made a training step ~100x slower (measured: 3 s vs 0.02 s)
-    torch.set_num_threads(1)
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(777)
