@@ -138,6 +138,22 @@ def fresh_problems(rng: random.Random, n: int, exclude: set[str], pool) -> list[
     return out
 
 
+def problem_sets(sc: TScale) -> tuple[list[str] | None, list[str], set[str]]:
+    """(pool, held-out problems, problems no training or curation may use); the same for
+    every seed and run."""
+    rng = random.Random(777)
+    pool = None
+    if sc.pool:
+        pool = []
+        while len(pool) < sc.pool:
+            p = task.random_problem(rng)
+            if p not in pool:
+                pool.append(p)
+    heldout = (list(pool) * math.ceil(sc.heldout / len(pool)))[:sc.heldout] if pool else \
+        fresh_problems(rng, sc.heldout, set(), None)
+    return pool, heldout, set() if pool else set(heldout)
+
+
 # ------------------------------------------------------------------------------- models
 def train_sft(init_dir: str, tok_dir: str, rows: list[dict], path: Path, *, lr: float,
               epochs: int, batch: int, seed: int) -> dict:
@@ -465,17 +481,7 @@ def run(sc: TScale, work: Path, results: Path, stem: str, quick: bool,
 
 def _run(sc: TScale, work: Path, results: Path, stem: str, quick: bool) -> dict:
     t_start = time.perf_counter()
-    rng = random.Random(777)
-    pool = None
-    if sc.pool:
-        pool = []
-        while len(pool) < sc.pool:
-            p = task.random_problem(rng)
-            if p not in pool:
-                pool.append(p)
-    heldout = (list(pool) * math.ceil(sc.heldout / len(pool)))[:sc.heldout] if pool else \
-        fresh_problems(rng, sc.heldout, set(), None)
-    exclude = set() if pool else set(heldout)
+    pool, heldout, exclude = problem_sets(sc)
     methods = [m for m in METHODS if sc.methods is None or m.name in sc.methods]
     res = {"quick": quick, "scale": {k: (list(x) if isinstance(x, tuple) else x)
                                       for k, x in sc.__dict__.items()},
@@ -505,7 +511,7 @@ def _run(sc: TScale, work: Path, results: Path, stem: str, quick: bool) -> dict:
                 r = finetune(m, models, cur, sw / regime, sc, seed, heldout)
                 per[m.name] = r
                 log(f"seed {seed}: {regime}: {m.name}: success {r['success']:.3f} greedy "
-                    f"{r['greedy_success']:.3f} log-ratio {v(r['log_ratio_last'], 3)} "
+                    f"{r['greedy_success']:.3f} log-ratio {v(r.get('log_ratio_last'), 3)} "
                     f"({r['train_s']:.0f} s train)")
         res["wall_s"] = time.perf_counter() - t_start
         report(res, results, stem)  # after every seed: a partial result survives an abort
