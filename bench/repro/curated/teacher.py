@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.repro.curated import policy, task  # noqa: E402
-from bench.repro.curated.run import (Method, log, mean_sd, pinned_numerics,  # noqa: E402
-                                     run_trainer, slug, write_jsonl)
+from bench.repro.curated.run import (Method, environment, log, mean_sd,  # noqa: E402
+                                     pinned_numerics, run_trainer, slug, write_jsonl)
 
 
 @dataclass
@@ -92,33 +92,6 @@ TINY = TScale(corpus=768, ref_epochs=4, ref_hidden=32, ref_layers=1, ref_lr=1e-2
               heldout=64, pool=16, ft_epochs=1, ft_batch=8, curve_points=2, seeds=(0,),
               regimes=("teacher", "mixed"),
               methods=("SFT", "iw-SFT (sequence)", "iw-SFT (token)"))
-
-
-def environment() -> dict:
-    """What the numbers depend on besides the code and the seeds (see docs/repro.md)."""
-    import platform
-    import subprocess
-
-    import torch
-
-    from iwsft_kernels.backends import native_cpu
-
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,  # noqa
-                                        text=True, timeout=10).stdout.strip()
-        commit = git("rev-parse", "HEAD") or None
-        if commit and git("status", "--porcelain", "--untracked-files=no"):
-            commit += "+uncommitted changes"
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    native_cpu.load()  # None when IWSFT_NO_NATIVE=1 (pinned_numerics' default)
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads(),
-            "native_epilogue": "off (IWSFT_NO_NATIVE=1)" if native_cpu.disabled()
-            else native_cpu.origin() or f"off ({native_cpu.load_error()})",
-            "git_commit": commit}
 
 
 def weights_sha(model_dir: str) -> str:
