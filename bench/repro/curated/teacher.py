@@ -65,9 +65,9 @@ class TScale:
     ft_lr: float = 3e-4
     ft_epochs: int = 5
     ft_batch: int = 16
-    curve_points: int = 4        # checkpoints evaluated for success vs step
+    curve_points: int = 3        # checkpoints evaluated for success vs step
     seeds: tuple = (0, 1, 2)
-    regimes: tuple = ("teacher", "mixed", "self")
+    regimes: tuple = ("teacher", "mixed")  # "self": q_ref's own samples (run.py's setting)
     methods: tuple | None = None  # names from METHODS; None: all
 
 
@@ -447,12 +447,15 @@ def plot(res: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- main
 def run(sc: TScale, work: Path, results: Path, stem: str, quick: bool,
-        native: bool = False) -> dict:
+        native: bool = False, reuse_models: bool = False) -> dict:
+    """reuse_models: take q_ref and the teacher of an earlier run of the same seeds and
+    scale from `work` (the numbers are the same: training them is deterministic)."""
     with pinned_numerics(native):
-        return _run(sc, work, results, stem, quick)
+        return _run(sc, work, results, stem, quick, reuse_models)
 
 
-def _run(sc: TScale, work: Path, results: Path, stem: str, quick: bool) -> dict:
+def _run(sc: TScale, work: Path, results: Path, stem: str, quick: bool,
+         reuse_models: bool) -> dict:
     t_start = time.perf_counter()
     pool, heldout, exclude = problem_sets(sc)
     methods = [m for m in METHODS if sc.methods is None or m.name in sc.methods]
@@ -462,9 +465,17 @@ def _run(sc: TScale, work: Path, results: Path, stem: str, quick: bool) -> dict:
            "base": {}, "runs": {}}
     for seed in sc.seeds:
         sw = work / f"seed{seed}"
-        shutil.rmtree(sw, ignore_errors=True)  # no stale model, checkpoint or reference cache
-        log(f"seed {seed}: training q_ref and the teacher")
-        models = build_models(sw, sc, seed, exclude, pool)
+        if reuse_models and (sw / "models.json").exists():
+            models = json.loads((sw / "models.json").read_text())
+            log(f"seed {seed}: reusing q_ref {models['qref_sha']} and teacher "
+                f"{models['teacher_sha']} from {sw}")
+            for regime in sc.regimes:  # no stale checkpoint or reference cache
+                shutil.rmtree(sw / regime, ignore_errors=True)
+        else:
+            shutil.rmtree(sw, ignore_errors=True)  # no stale model, checkpoint or ref cache
+            log(f"seed {seed}: training q_ref and the teacher")
+            models = build_models(sw, sc, seed, exclude, pool)
+            (sw / "models.json").write_text(json.dumps(models, indent=1))
         base = {"q_ref": policy.evaluate(*policy.load(Path(models["qref"]["model"])), heldout,
                                          seed=seed),
                 "teacher": policy.evaluate(*policy.load(Path(models["teacher"]["model"])),
@@ -486,8 +497,8 @@ def _run(sc: TScale, work: Path, results: Path, stem: str, quick: bool) -> dict:
                 log(f"seed {seed}: {regime}: {m.name}: success {r['success']:.3f} greedy "
                     f"{r['greedy_success']:.3f} log-ratio {v(r.get('log_ratio_last'), 3)} "
                     f"({r['train_s']:.0f} s train)")
-        res["wall_s"] = time.perf_counter() - t_start
-        report(res, results, stem)  # after every seed: a partial result survives an abort
+            res["wall_s"] = time.perf_counter() - t_start
+            report(res, results, stem)  # after every regime: a partial result survives
     log(f"done in {res['wall_s'] / 60:.1f} min: {results / stem}.{{json,md,png}}")
     return res
 
@@ -500,7 +511,41 @@ def report(res: dict, results: Path, stem: str) -> None:
     plot(res, results / f"{stem}.png")
 
 
-TIMING_KEYS = {"train_s", "wall_s"}
+def merge(parts: list[dict]) -> dict:
+    """One result from results of the same configuration run for different seeds or regimes
+    (e.g. one process per seed); wall_s is the sum over the parts (CPU-time-like) and
+    wall_s_max the longest part (the wall time when they ran in parallel)."""
+    first = parts[0]
+    drop = ("seeds", "regimes")
+    key = lambda r: ({k: x for k, x in r["scale"].items() if k not in drop},  # noqa: E731
+                     r["methods"], {k: x for k, x in r["environment"].items()
+                                    if k != "git_commit"})
+    for p in parts[1:]:
+        if key(p) != key(first):
+            raise ValueError("cannot merge results of different configurations")
+    res = {**first, "base": {}, "runs": {}}
+    regimes = []
+    for p in parts:
+        regimes += [r for r in p["scale"]["regimes"] if r not in regimes]
+        for s, per in p["runs"].items():
+            b = res["base"].setdefault(s, {**p["base"][s], "curation": {}})
+            if b["qref_sha"] != p["base"][s]["qref_sha"]:
+                raise ValueError(f"seed {s}: the parts have different q_ref weights")
+            b["curation"].update(p["base"][s]["curation"])
+            for regime, runs in per.items():
+                if regime in res["runs"].setdefault(s, {}):
+                    raise ValueError(f"seed {s}, regime {regime} is in two of the results")
+                res["runs"][s][regime] = runs
+    order = ["teacher", "mixed", "self"]
+    res["scale"] = {**first["scale"], "seeds": sorted(int(s) for s in res["runs"]),
+                    "regimes": sorted(regimes, key=order.index)}
+    res["wall_s"] = sum(p["wall_s"] for p in parts)
+    res["wall_s_max"] = max(p["wall_s"] for p in parts)
+    res["merged_from"] = len(parts)
+    return res
+
+
+TIMING_KEYS = {"train_s", "wall_s", "wall_s_max"}
 
 
 def outcome(obj):
@@ -533,6 +578,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="default outputs/curated-teacher[-quick]")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
+    ap.add_argument("--regimes", nargs="*", default=None, choices=["teacher", "mixed", "self"])
+    ap.add_argument("--reuse-models", action="store_true",
+                    help="reuse q_ref and the teacher trained by an earlier run in --workdir")
     ap.add_argument("--stem", default=None, help="output file name stem")
     ap.add_argument("--compare", nargs=2, metavar="JSON", default=None,
                     help="compare two result files: exit 0 iff their outcomes are identical")
@@ -541,10 +589,18 @@ def main(argv=None) -> int:
                          "for numbers that do not depend on a compiler; see docs/repro.md)")
     ap.add_argument("--report", metavar="JSON", default=None,
                     help="rewrite the .md and .png of a saved result, run nothing")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="combine results of the same configuration run for different seeds "
+                         "(e.g. one process per seed) into --results/--stem")
     a = ap.parse_args(argv)
     if a.report:
         p = Path(a.report)
         report(json.loads(p.read_text()), p.parent, p.stem)
+        return 0
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        res = merge(parts)
+        report(res, Path(a.results), a.stem or "repro-curated-teacher")
         return 0
     if a.compare:
         ra, rb = (json.loads(Path(p).read_text()) for p in a.compare)
@@ -558,10 +614,13 @@ def main(argv=None) -> int:
     sc = QUICK if a.quick else FULL
     if a.seeds is not None:
         sc.seeds = tuple(a.seeds)
+    if a.regimes is not None:
+        sc.regimes = tuple(a.regimes)
     stem = a.stem or ("repro-curated-teacher-quick" if a.quick else "repro-curated-teacher")
     work = Path(a.workdir or ROOT / "outputs" / ("curated-teacher-quick" if a.quick
                                                  else "curated-teacher"))
-    run(sc, work, Path(a.results), stem, a.quick, native=a.native)
+    run(sc, work, Path(a.results), stem, a.quick, native=a.native,
+        reuse_models=a.reuse_models)
     return 0
 
 
