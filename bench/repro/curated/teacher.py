@@ -516,16 +516,16 @@ def merge(parts: list[dict]) -> dict:
     (e.g. one process per seed); wall_s is the sum over the parts (CPU-time-like) and
     wall_s_max the longest part (the wall time when they ran in parallel)."""
     first = parts[0]
-    drop = ("seeds", "regimes")
+    drop = ("seeds", "regimes", "methods")
     key = lambda r: ({k: x for k, x in r["scale"].items() if k not in drop},  # noqa: E731
-                     r["methods"], {k: x for k, x in r["environment"].items()
-                                    if k != "git_commit"})
+                     {k: x for k, x in r["environment"].items() if k != "git_commit"})
     for p in parts[1:]:
         if key(p) != key(first):
             raise ValueError("cannot merge results of different configurations")
     res = {**first, "base": {}, "runs": {}}
-    regimes = []
+    regimes, methods = [], {}
     for p in parts:
+        methods.update(p["methods"])
         regimes += [r for r in p["scale"]["regimes"] if r not in regimes]
         for s, per in p["runs"].items():
             b = res["base"].setdefault(s, {**p["base"][s], "curation": {}})
@@ -538,7 +538,8 @@ def merge(parts: list[dict]) -> dict:
                 res["runs"][s][regime] = runs
     order = ["teacher", "mixed", "self"]
     res["scale"] = {**first["scale"], "seeds": sorted(int(s) for s in res["runs"]),
-                    "regimes": sorted(regimes, key=order.index)}
+                    "regimes": sorted(regimes, key=order.index), "methods": None}
+    res["methods"] = {m.name: m.args for m in METHODS if m.name in methods}
     res["wall_s"] = sum(p["wall_s"] for p in parts)
     res["wall_s_max"] = max(p["wall_s"] for p in parts)
     res["merged_from"] = len(parts)
@@ -579,6 +580,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--regimes", nargs="*", default=None, choices=["teacher", "mixed", "self"])
+    ap.add_argument("--methods", nargs="*", default=None, metavar="NAME",
+                    help=f"a subset of {[m.name for m in METHODS]}")
     ap.add_argument("--reuse-models", action="store_true",
                     help="reuse q_ref and the teacher trained by an earlier run in --workdir")
     ap.add_argument("--stem", default=None, help="output file name stem")
@@ -616,6 +619,12 @@ def main(argv=None) -> int:
         sc.seeds = tuple(a.seeds)
     if a.regimes is not None:
         sc.regimes = tuple(a.regimes)
+    if a.methods is not None:
+        unknown = set(a.methods) - {m.name for m in METHODS}
+        if unknown:
+            ap.error(f"unknown methods {sorted(unknown)}; choose from "
+                     f"{[m.name for m in METHODS]}")
+        sc.methods = tuple(a.methods)
     stem = a.stem or ("repro-curated-teacher-quick" if a.quick else "repro-curated-teacher")
     work = Path(a.workdir or ROOT / "outputs" / ("curated-teacher-quick" if a.quick
                                                  else "curated-teacher"))
