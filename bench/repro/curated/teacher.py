@@ -411,7 +411,10 @@ def plot(res: dict, path: Path) -> None:
         ax, ax2 = axes[0][j], axes[1][j]
         q0 = statistics.fmean(res["base"][s]["q_ref"]["success"] for s in seeds)
         for i, name in enumerate(names):
-            runs = [res["runs"][s][regime][name] for s in seeds if name in res["runs"][s][regime]]
+            runs = [res["runs"][s][regime][name] for s in seeds
+                    if name in res["runs"][s].get(regime, {})]
+            if not runs:
+                continue
             steps = [st for st, _ in runs[0]["curve"]]
             ys = [[0.0] + [100 * y for _, y in r["curve"]] for r in runs]
             x = [0] + steps
