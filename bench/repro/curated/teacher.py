@@ -426,7 +426,7 @@ def plot(res: dict, path: Path) -> None:
             ax.fill_between(x, [a - b for a, b in zip(mean, sd)],
                             [a + b for a, b in zip(mean, sd)], color=f"C{i}", alpha=0.12)
             lr = [finite(r["series"]["log_ratio_mean"]) for r in runs]
-            if all(lr):
+            if all(lr) and runs[0].get("mode") != "sft":  # SFT has no weights
                 n = min(len(z) for z in lr)
                 ax2.plot(range(1, n + 1), [statistics.fmean(z[t] for z in lr) for t in range(n)],
                          style, color=f"C{i}", label=name, lw=1)
@@ -442,7 +442,8 @@ def plot(res: dict, path: Path) -> None:
         if j == len(regimes) - 1:
             ax.legend(fontsize=7, loc="lower right")
             ax2.legend(fontsize=7)
-    fig.suptitle(f"Student = q_ref; mean over seeds {seeds} (band: ± sd)")
+    fig.suptitle(f"Student = q_ref; mean over seeds {', '.join(map(str, seeds))} "
+                 "(band: ± sd, includes the spread of q_ref itself)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -549,7 +550,7 @@ def merge(parts: list[dict]) -> dict:
     return res
 
 
-TIMING_KEYS = {"train_s", "wall_s", "wall_s_max"}
+TIMING_KEYS = {"train_s", "wall_s", "wall_s_max", "path"}  # and where files went
 
 
 def outcome(obj):
