@@ -1,7 +1,9 @@
 """The curated-data experiment (bench/repro/curated/run.py) at its smallest: a pipeline smoke
 test, not a claim that iw-SFT wins. Checks: the task's checker and quality score, q_ref is
 trained, the curated set passes the checker, the trainer ran in every mode (with reference
-log-probs where the mode needs them), and success rates are rates."""
+log-probs where the mode needs them), and success rates are rates. The teacher setting
+(teacher.py) likewise, plus: the teacher beats q_ref, finite weight statistics, and retraining
+gives bit-identical weights."""
 
 import json
 import math

@@ -444,7 +444,8 @@ def plot(res: dict, path: Path) -> None:
         ax2.axhline(0, color="0.5", lw=0.5)
         if j == len(regimes) - 1:
             ax.legend(fontsize=7, loc="lower right")
-            ax2.legend(fontsize=7)
+            if ax2.get_legend_handles_labels()[0]:
+                ax2.legend(fontsize=7)
     fig.suptitle(f"Student = q_ref; mean over seeds {', '.join(map(str, seeds))} "
                  "(band: ± sd, includes the spread of q_ref itself)")
     fig.tight_layout()
