@@ -204,6 +204,11 @@ SERIES = ("weight_mean", "weight_max", "ess_fraction", "clip_frac_max", "clip_fr
           "log_ratio_mean")
 
 
+def short(x):
+    """Per-step series are stored to 6 significant digits (the result file stays small)."""
+    return float(f"{x:.6g}") if isinstance(x, float) else x
+
+
 def finite(xs):
     return [x for x in xs if x is not None and x == x and math.isfinite(x)]
 
@@ -269,7 +274,7 @@ def finetune(m: Method, models: dict, cur: dict, work: Path, sc: TScale, seed: i
     ws = weight_summary(rows) if m.args["mode"] != "sft" else {  # SFT: no weights
         "steps": len(rows), "train_nll_last": -rows[-1]["logp_mean"]}
     return {**ev, **ws, "mode": m.args["mode"], "train_s": train_s, "curve": curve,
-            "series": {k: [r.get(k) for r in rows] for k in SERIES}}
+            "series": {k: [short(r.get(k)) for r in rows] for k in SERIES}}
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -514,7 +519,7 @@ def _run(sc: TScale, work: Path, results: Path, stem: str, quick: bool,
 def report(res: dict, results: Path, stem: str) -> None:
     res["summary"] = summarize(res)
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    (results / f"{stem}.json").write_text(json.dumps(res, default=str))
     write_markdown(res, results / f"{stem}.md")
     plot(res, results / f"{stem}.png")
 
