@@ -1,9 +1,12 @@
 """The curated-data experiment (bench/repro/curated/run.py) at its smallest: a pipeline smoke
 test, not a claim that iw-SFT wins. Checks: the task's checker and quality score, q_ref is
 trained, the curated set passes the checker, the trainer ran in every mode (with reference
-log-probs where the mode needs them), and success rates are rates."""
+log-probs where the mode needs them), and success rates are rates. The teacher setting
+(teacher.py) likewise, plus: the teacher beats q_ref, finite weight statistics, and retraining
+gives bit-identical weights."""
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -58,3 +61,55 @@ def test_curated_pipeline_smallest(tmp_path):
         for r in d["success_per_seed"]:
             assert 0.0 <= r <= 1.0, name
         assert 0.0 <= d["greedy_success"][0] <= 1.0
+
+
+def test_teacher_pipeline_smallest(tmp_path):
+    """The teacher setting (bench/repro/curated/teacher.py) at its smallest: the teacher beats
+    q_ref, the curated sets come from the sources they claim and pass the checker, every run
+    has finite weight statistics and a success-vs-step curve, and retraining q_ref and the
+    teacher gives bit-identical weights (the rerun property)."""
+    from bench.repro.curated import teacher
+
+    sc = teacher.TINY
+    res = teacher.run(sc, tmp_path / "work", tmp_path / "results", "t", quick=True)
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / "results" / f"t.{ext}").exists()
+    base = res["base"][0]
+    assert base["teacher"]["success"] > base["q_ref"]["success"] + 0.1, base
+    assert res["environment"]["native_epilogue"].startswith("off")  # pinned, see run.py
+    cur = base["curation"]
+    for regime in sc.regimes:
+        rows = [json.loads(x) for x in Path(cur[regime]["path"]).read_text().splitlines()]
+        assert len(rows) == cur[regime]["n"] >= sc.ft_batch
+        assert all(task.check(r["prompt"], r["response"]) for r in rows)
+    assert cur["teacher"]["teacher_frac"] == 1.0
+    assert 0.0 < cur["mixed"]["teacher_frac"] < 1.0
+    for regime, per in res["runs"][0].items():
+        assert set(per) == set(sc.methods)
+        for name, r in per.items():
+            assert 0.0 <= r["success"] <= 1.0 and 0.0 <= r["greedy_success"] <= 1.0
+            assert len(r["curve"]) >= 2 and all(0.0 <= y <= 1.0 for _, y in r["curve"])
+            if r["mode"] == "sft":
+                continue
+            for k in ("w_mean_avg", "w_max_max", "log_ratio_avg", "log_ratio_last"):
+                assert math.isfinite(r[k]), (regime, name, k)
+            assert 0.0 < r["ess_min"] <= r["ess_avg"] <= 1.0 + 1e-9
+            assert 0.0 <= r["clip_hi_avg"] <= 1.0 and 0.0 <= r["clip_lo_avg"] <= 1.0
+            assert r["w_max_max"] >= r["w_mean_avg"] > 0
+    s = res["summary"]["teacher"]["iw-SFT (sequence)"]
+    assert "delta_vs_sft" in s and s["n"] == 1
+    # rerun: the same seed trains bit-identical q_ref and teacher weights
+    pool, _, exclude = teacher.problem_sets(sc)
+    with run.pinned_numerics():
+        again = teacher.build_models(tmp_path / "again", sc, 0, exclude, pool)
+    assert (again["qref_sha"], again["teacher_sha"]) == (base["qref_sha"], base["teacher_sha"])
+
+
+def test_teacher_compare_finds_differences():
+    from bench.repro.curated import teacher
+
+    a = {"runs": {"0": {"x": [0.25, {"success": 0.5, "train_s": 3.0}]}}}
+    b = {"runs": {"0": {"x": [0.25, {"success": 0.5, "train_s": 9.0}]}}}
+    assert teacher.compare(a, b) == []  # timings are not outcomes
+    b["runs"]["0"]["x"][1]["success"] = 0.5000001
+    assert len(teacher.compare(a, b)) == 1

@@ -1,9 +1,13 @@
 """Curated-data experiment at CPU scale (issue 5 item 2), end to end:
 
-    nice -n 10 python -m bench.repro.curated.run            # full: ~20 min on 2 CPU cores
+    nice -n 10 python -m bench.repro.curated.run            # full: ~5 min on 2 idle CPU cores
     python -m bench.repro.curated.run --quick                # smoke version, < 2 min
 
-1. task: 4-operand integer arithmetic with an exact checker (task.py);
+The curated data here are q_ref's own samples; teacher.py is the setting where a stronger
+teacher writes them (issue 15). Both pin the numerics (pinned_numerics): a rerun on the same
+kind of machine gives the same numbers.
+
+1. task: 3-operand integer arithmetic with an exact checker (task.py);
 2. q_ref: a tiny random-init Qwen2 (char-level vocab) trained with `iwsft-train --mode sft`
    on a broad, mixed-quality corpus of the task (some answers wrong, some without work);
 3. curation (per seed): sample one answer per fresh problem from q_ref at temperature 1,
@@ -23,8 +27,11 @@ under outputs/curated/ (or --workdir).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -105,6 +112,57 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@contextlib.contextmanager
+def pinned_numerics(native: bool = False):
+    """What a rerun's numbers depend on besides the code and the seeds, fixed for the duration
+    (restored afterwards). The pipeline is chaotic: one rounding difference in q_ref's 1,000
+    training steps changes which answers are sampled and every number after it (measured:
+    docs/repro.md). So: one torch thread (intra-op reductions are split by thread count), and
+    the pure torch loss epilogue unless `native` (whether the native CPU epilogue loads
+    depends on a compiler and the CPU's flags, and it rounds differently)."""
+    import torch
+
+    threads, env = torch.get_num_threads(), os.environ.get("IWSFT_NO_NATIVE")
+    torch.set_num_threads(1)
+    if not native:
+        os.environ["IWSFT_NO_NATIVE"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("IWSFT_NO_NATIVE", None)
+        else:
+            os.environ["IWSFT_NO_NATIVE"] = env
+
+
+def environment() -> dict:
+    """What the numbers depend on besides the code and the seeds (see docs/repro.md)."""
+    import platform
+    import subprocess
+
+    import torch
+
+    from iwsft_kernels.backends import native_cpu
+
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,  # noqa
+                                        text=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "HEAD") or None
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+uncommitted changes"
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    native_cpu.load()  # None when IWSFT_NO_NATIVE=1 (pinned_numerics' default)
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+            "native_epilogue": "off (IWSFT_NO_NATIVE=1)" if native_cpu.disabled()
+            else native_cpu.origin() or f"off ({native_cpu.load_error()})",
+            "git_commit": commit}
+
+
 def run_trainer(**kw) -> dict:
     """One `iwsft-train` run in this process (the same code path as the CLI)."""
     from accelerate.state import AcceleratorState
@@ -113,8 +171,8 @@ def run_trainer(**kw) -> dict:
     from iwsft_kernels.trainer.loop import train
 
     AcceleratorState._reset_state(True)
-    cfg = TrainConfig(log_with="none", eval_examples=16, bf16="no", warmup_ratio=0.05,
-                      max_length=96, keep_checkpoints=1, **kw)
+    cfg = TrainConfig(**{**dict(log_with="none", eval_examples=16, bf16="no", warmup_ratio=0.05,
+                                max_length=96, keep_checkpoints=1), **kw})
     try:
         return train(cfg)
     finally:
@@ -177,6 +235,9 @@ def curate(qref_dir: str, work: Path, sc: Scale, seed: int, exclude: set[str],
             seen.add(p)
             probs.append(p)
     resp = policy.sample(model, tok, probs, seed=seed)
+    # a reference cache left by an earlier run is keyed by the model's path and file size, not
+    # its weights: never reuse one (recomputing it takes a second)
+    shutil.rmtree(work / f"seed{seed}" / "ref_logprobs", ignore_errors=True)
     kept = [{"prompt": p, "response": r, "quality": task.quality(p, r)}
             for p, r in zip(probs, resp) if task.check(p, r)]
     path = work / f"seed{seed}" / "curated.jsonl"
@@ -304,14 +365,20 @@ def plot(res: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- main
-def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
+def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool,
+        native: bool = False) -> dict:
+    # one thread: these models are tiny, and on a shared 2-core machine two spinning OpenMP
+    # threads per process made a training step ~100x slower (measured: 3 s vs 0.02 s); one
+    # thread and the pure torch epilogue also make a rerun give the same numbers
+    with pinned_numerics(native):
+        return _run(sc, work, results, stem, quick)
+
+
+def _run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
     import platform
 
     import torch
 
-    # one thread: these models are tiny, and on a shared 2-core machine two spinning OpenMP
-    # threads per process made a training step ~100x slower (measured: 3 s vs 0.02 s)
-    torch.set_num_threads(1)
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(777)
@@ -355,6 +422,7 @@ def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
                                       for k, v in sc.__dict__.items()},
            "host": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} torch threads",
+           "environment": environment(),
            "vocab": len(policy.build_tokenizer()), "qref": qref,
            "curation": curation, "methods": {m.name: m.args for m in METHODS + ABLATION},
            "per_seed": per, "ablation_per_seed": ablation,
@@ -375,6 +443,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--native", action="store_true",
+                    help="let the native CPU loss epilogue run (default: the pure torch path)")
     a = ap.parse_args(argv)
     sc = QUICK if a.quick else FULL
     if a.seeds is not None:
@@ -384,7 +454,7 @@ def main(argv=None) -> int:
         sc.ablation = False
     work = Path(a.workdir or ROOT / "outputs" / ("curated-quick" if a.quick else "curated"))
     run(sc, work, Path(a.results), "curated_quick" if a.quick else "curated_experiment",
-        a.quick)
+        a.quick, native=a.native)
     return 0
 
 

@@ -32,6 +32,8 @@ import re
 
 OPS = "+-*"
 STYLE_MIX = {"careful": 0.30, "verbose": 0.10, "shortcut": 0.30, "ltr": 0.15, "slip": 0.15}
+# the teacher's "better data" (teacher.py): correct worked answers only, mostly the short form
+TEACHER_MIX = {"careful": 0.85, "verbose": 0.15}
 _STEP = re.compile(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$")
 
 
@@ -122,10 +124,11 @@ def write_answer(problem: str, style: str, rng: random.Random) -> str:
 
 
 def corpus(n: int, rng: random.Random, exclude: set[str] = frozenset(),
-           pool: list[str] | None = None) -> list[dict]:
+           pool: list[str] | None = None, mix: dict[str, float] | None = None) -> list[dict]:
     """The broad, mixed-quality corpus for q_ref (prompt/response/style rows); problems drawn
-    uniformly (or from `pool`), never from `exclude`."""
-    styles, weights = zip(*STYLE_MIX.items())
+    uniformly (or from `pool`), never from `exclude`. `mix`: style weights (default
+    STYLE_MIX)."""
+    styles, weights = zip(*(mix or STYLE_MIX).items())
     rows = []
     while len(rows) < n:
         p = rng.choice(pool) if pool else random_problem(rng)
