@@ -172,7 +172,7 @@ def run_trainer(**kw) -> dict:
 
     AcceleratorState._reset_state(True)
     cfg = TrainConfig(**{**dict(log_with="none", eval_examples=16, bf16="no", warmup_ratio=0.05,
-                                max_length=96, keep_checkpoints=1), **kw})
+                                max_length=96, keep_checkpoints=1, save_every=0), **kw})
     try:
         return train(cfg)
     finally:
