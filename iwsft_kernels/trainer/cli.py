@@ -59,7 +59,8 @@ class _TiedWeightsNote(logging.Filter):
     tested to reproduce an uninterrupted run exactly)."""
 
     def filter(self, record):
-        return not str(record.msg).startswith("Removed shared tensor")
+        # accelerate's multi-process adapter may prefix "[RANK r] " to the message
+        return "Removed shared tensor" not in str(record.msg)
 
 
 _TIED_WEIGHTS_NOTE = _TiedWeightsNote()
