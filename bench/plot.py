@@ -20,6 +20,7 @@ STYLE = {  # impl key -> (color, linestyle, marker)
     "naive": ("black", "-", "o"),
     "compile_chunked": ("tab:gray", "-", "s"),
     "torch_lce": ("tab:brown", "-", "D"),
+    "trl": ("tab:olive", "-", "P"),
     "liger": ("tab:purple", "-", "^"),
     "cce": ("tab:pink", "-", "v"),
     "ours-sft-torch": ("tab:blue", "--", "o"),
