@@ -67,7 +67,9 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     else each row of a (B, T) layout, else one sequence. quality (S,) >= 0 multiplies the
     sequence weights. normalizer: the loss divisor D (default: number of target tokens).
     If hidden's dtype differs from weight's, the matmuls run in weight's dtype.
-    chunk_bytes: memory budget of one logits chunk (default 128 MiB on CPU, 1 GiB on CUDA).
+    chunk_bytes: memory budget of one logits chunk; default: ~1/16 of the batch's target
+    rows' fp32 logits, at least 64 rows (CPU) / 2048 rows (CUDA), at most 128 MiB (CPU) /
+    1 GiB (CUDA) (core.default_chunk_rows).
     """
     config = IWConfig() if config is None else config
     if not isinstance(config, IWConfig):
@@ -84,7 +86,7 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     be = core.resolve_backend(backend, hidden.device)
     p = core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
                      ignore_index, normalizer, need_ref=config.needs_reference)
-    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype)
+    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel())
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad

@@ -77,7 +77,7 @@ def linear_iwsft_fwd(
     be = core.resolve_backend(backend, hidden.device)
     p = core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, cfg,
                      ignore_index, normalizer, need_ref=cfg.needs_reference)
-    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype)
+    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel())
     need_db = need_db and bias is not None
     res, (dh, dw, db) = core.forward_prepared(hidden, weight, bias, p, cfg, be, chunk_rows,
                                               need_dh, need_dw, need_db)

@@ -23,6 +23,7 @@ import torch
 
 from ..config import IWConfig
 from ..weights import Weights, compute_weights
+from .torch_ops import logits_buffer
 
 
 @dataclass
@@ -80,11 +81,15 @@ def fused_linear_iw(ops, h, W, b, y, ref, seg, S, quality, cfg: IWConfig, D: flo
     dw = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_dw else None
     db = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device) if need_db else None
     logp_all = torch.empty(M, dtype=torch.float32, device=h.device)
+    # one logits buffer for every chunk of the call (CPU; see torch_ops.chunk_logits)
+    buf = logits_buffer(max((e - s for s, e in zip(bounds[:-1], bounds[1:])), default=0),
+                        W.shape[0], h.device)
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e <= s:
             continue
         hc, yc = h[s:e], y[s:e]
-        lp, state = ops.chunk_forward(ops.logits(hc, W, b), yc)
+        lp, state = ops.chunk_forward(ops.logits(hc, W, b, None if buf is None else buf[: e - s]),
+                                      yc)
         logp_all[s:e] = lp
         if coef is not None:
             c = coef[s:e]

@@ -13,15 +13,25 @@ _MM_FP32_OUT: dict = {}  # device type -> whether torch.mm(..., out_dtype=float3
 _UPCAST_BLOCK_BYTES = 32 * 2**20
 
 
-def chunk_logits(h, W, b):
+def chunk_logits(h, W, b, out=None):
     """z = h W^T + b as an fp32 (m, V) tensor that the caller owns (may overwrite).
 
     16-bit inputs: the product is accumulated in fp32 and *not* rounded to 16 bits (bf16
     logits carry ~0.05 absolute error at |z| ~ 10, which wrecks peaked softmaxes). On CUDA
     through torch.mm(..., out_dtype=float32) where torch has it; elsewhere by upcasting W one
-    vocabulary block at a time (no fp32 copy of W)."""
+    vocabulary block at a time (no fp32 copy of W).
+
+    out: optional contiguous fp32 (m, V) buffer to write z into on CPU (the chunk driver
+    reuses one buffer for all chunks of a call: a fresh allocation per chunk lets glibc's
+    malloc keep two chunks resident once its mmap threshold has grown past the chunk size).
+    Ignored on CUDA (the caching allocator reuses blocks)."""
+    if out is not None and (out.device.type != "cpu" or out.shape != (h.shape[0], W.shape[0])
+                            or out.dtype != torch.float32 or not out.is_contiguous()):
+        out = None
     if h.dtype == torch.float32:
-        return h @ W.T if b is None else torch.addmm(b.float(), h, W.T)
+        if out is None:
+            return h @ W.T if b is None else torch.addmm(b.float(), h, W.T)
+        return torch.mm(h, W.T, out=out) if b is None else torch.addmm(b.float(), h, W.T, out=out)
     dev = h.device.type
     if dev == "cuda" and _MM_FP32_OUT.get(dev) is not False:
         try:
@@ -35,7 +45,7 @@ def chunk_logits(h, W, b):
         z = h @ W.T if b is None else torch.addmm(b, h, W.T)
         return z.float()
     m, V = h.shape[0], W.shape[0]
-    z = torch.empty(m, V, dtype=torch.float32, device=h.device)
+    z = out if out is not None else torch.empty(m, V, dtype=torch.float32, device=h.device)
     hf = h.float()
     step = max(1, _UPCAST_BLOCK_BYTES // (4 * W.shape[1]))
     for v0 in range(0, V, step):
@@ -43,18 +53,29 @@ def chunk_logits(h, W, b):
     return z if b is None else z.add_(b)
 
 
+def logits_buffer(rows: int, V: int, device) -> torch.Tensor | None:
+    """One fp32 (rows, V) logits buffer for all chunks of a call (CPU; None on CUDA)."""
+    if rows <= 0 or torch.device(device).type != "cpu":
+        return None
+    return torch.empty(rows, V, dtype=torch.float32, device=device)
+
+
 class TorchOps:
     name = "torch"
 
-    def logits(self, h, W, b):
-        return chunk_logits(h, W, b)
+    def logits(self, h, W, b, out=None):
+        return chunk_logits(h, W, b, out)
 
     def logprobs(self, h, W, b, y, rows_per_chunk):
-        """logp_i = log_softmax(z_i)[y_i] for all rows, one chunk of logits at a time."""
-        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], rows_per_chunk):
-            e = min(s + rows_per_chunk, h.shape[0])
-            out[s:e], _ = self.chunk_forward(self.logits(h[s:e], W, b), y[s:e])
+        """logp_i = log_softmax(z_i)[y_i] for all rows, one chunk of logits at a time (one
+        chunk buffer for all of them)."""
+        M = h.shape[0]
+        out = torch.empty(M, dtype=torch.float32, device=h.device)
+        buf = logits_buffer(min(rows_per_chunk, M), W.shape[0], h.device)
+        for s in range(0, M, rows_per_chunk):
+            e = min(s + rows_per_chunk, M)
+            z = self.logits(h[s:e], W, b, None if buf is None else buf[: e - s])
+            out[s:e], _ = self.chunk_forward(z, y[s:e])
         return out
 
     # -- one-pass chunk: logp, then the weighted softmax-minus-onehot gradient -----------

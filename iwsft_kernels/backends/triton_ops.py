@@ -24,8 +24,8 @@ class TritonOps:
     def logprobs(self, h, W, b, y, rows_per_chunk):
         return triton_lse.lse_forward(h, W, b, y)[1]
 
-    def logits(self, h, W, b):
-        return chunk_logits(h, W, b)
+    def logits(self, h, W, b, out=None):
+        return chunk_logits(h, W, b, out)
 
     def chunk_forward(self, z, y):
         mx, rest, logp = triton_epilogue.row_lse(z, y)
