@@ -374,6 +374,16 @@ def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool,
         return _run(sc, work, results, stem, quick)
 
 
+def problem_pool(rng: random.Random, n: int) -> list[str]:
+    """n distinct random problems, drawn from rng in order (the same rng gives the same pool)."""
+    pool: list[str] = []
+    while len(pool) < n:
+        p = task.random_problem(rng)
+        if p not in pool:
+            pool.append(p)
+    return pool
+
+
 def _run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
     import platform
 
@@ -382,13 +392,7 @@ def _run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(777)
-    pool = None
-    if sc.pool:
-        pool = []
-        while len(pool) < sc.pool:
-            p = task.random_problem(rng)
-            if p not in pool:
-                pool.append(p)
+    pool = problem_pool(rng, sc.pool) if sc.pool else None
     heldout = []
     while len(heldout) < sc.heldout:
         p = rng.choice(pool) if pool else task.random_problem(rng)

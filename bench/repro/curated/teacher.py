@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:
 
 from bench.repro.curated import policy, task  # noqa: E402
 from bench.repro.curated.run import (Method, environment, log, mean_sd,  # noqa: E402
-                                     pinned_numerics, run_trainer, slug, write_jsonl)
+                                     pinned_numerics, problem_pool, run_trainer, slug,
+                                     write_jsonl)
 
 
 @dataclass
@@ -115,13 +116,7 @@ def problem_sets(sc: TScale) -> tuple[list[str] | None, list[str], set[str]]:
     """(pool, held-out problems, problems no training or curation may use); the same for
     every seed and run."""
     rng = random.Random(777)
-    pool = None
-    if sc.pool:
-        pool = []
-        while len(pool) < sc.pool:
-            p = task.random_problem(rng)
-            if p not in pool:
-                pool.append(p)
+    pool = problem_pool(rng, sc.pool) if sc.pool else None
     heldout = (list(pool) * math.ceil(sc.heldout / len(pool)))[:sc.heldout] if pool else \
         fresh_problems(rng, sc.heldout, set(), None)
     return pool, heldout, set() if pool else set(heldout)
