@@ -76,13 +76,14 @@ class TritonOps:
             g.scatter_(1, y[:, None], tgt.to(g.dtype)[:, None])
         return g
 
-    def grad_hidden(self, g, W):  # SHIM(H1): the torch fallback's G is fp32
-        if g.dtype != W.dtype:
-            g = g.to(W.dtype)
-        elif g.device.type == "cpu" and not g.is_contiguous():
-            # (H1) softmax_grad's 16-bit G has padded rows (uninitialised padding); torch's
-            # CPU bf16 matmul multiplies the padding by zeros, so a NaN bit pattern there
-            # turns the whole dH row NaN (seen under the interpreter): copy on CPU
+    def grad_hidden(self, g, W):
+        if g.dtype != W.dtype:  # SHIM(H1): the torch fallback's G is fp32
+            return g.to(W.dtype) @ W
+        # G may be a column view of a row-padded buffer (triton_epilogue.softmax_grad). torch's
+        # CPU bf16/fp16 GEMM (the interpreter's path) reads the padding of such an operand, and
+        # that memory is uninitialised (NaN garbage gave NaN rows of dH, torch 2.13): on CPU
+        # multiply a contiguous copy. cuBLAS honours the stride.
+        if g.device.type == "cpu" and not g.is_contiguous():
             g = g.contiguous()
         return g @ W
 
