@@ -249,7 +249,7 @@ def _reset_for_tests():
 class NativeTorchOps(TorchOps):
     """TorchOps with the per-chunk epilogue (chunk_forward, softmax_grad) done by the native
     CPU kernels; anything they do not cover (non-CPU or non-contiguous chunks) goes to the
-    pure torch code. The state between the two is (e, rest, dzdr), as in TorchOps (rest = the
+    pure torch code. The state between the two is (e, rest, dz, k), as in TorchOps (rest = the
     row's sum of e without one arg-max entry)."""
 
     name = "torch+native"
@@ -280,14 +280,18 @@ class NativeTorchOps(TorchOps):
         mx = r.amax(dim=1)
         lp, rest = self._lib.chunk_forward(r, y)
         rows = RowStats(logp=lp, lse=mx + torch.log1p(rest), top1=t == mx)
-        return rows, (r, rest, None if xf.identity else xf.factor)
+        return rows, (r, rest, None, xf.factor)
+
+    def row_stats(self, r, y, xf=IDENTITY, want_entropy=False):
+        if not self._native_ok(r, y) or not xf.linear or want_entropy:
+            return super().row_stats(r, y, xf, want_entropy)
+        return self.chunk_forward(r, y, xf, want_entropy)[0]
 
     def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
                      out_dtype=torch.float32):
-        e, rest, dzdr = state
-        if not self._native_ok(e, y) or isinstance(dzdr, torch.Tensor):
+        e, rest, dz, k = state
+        if not self._native_ok(e, y) or dz is not None:
             return super().softmax_grad(state, y, rows, coef, zcoef, xf, out_dtype)
-        k = 1.0 if dzdr is None else dzdr
         c = coef if zcoef is None else coef + zcoef
         if k != 1.0:
             c = c * k

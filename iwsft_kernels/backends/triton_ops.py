@@ -48,6 +48,11 @@ class TritonOps:
     def logits(self, h, W, b, out=None):
         return chunk_logits(h, W, b, out)
 
+    def row_stats(self, z, y, xf=IDENTITY, want_entropy=False):  # for chunked_logprobs
+        if not xf.linear or want_entropy or z.dtype != torch.float32:
+            return self._torch_ops().row_stats(z, y, xf, want_entropy)
+        return self.chunk_forward(z, y, xf, want_entropy)[0]
+
     def chunk_forward(self, z, y, xf=IDENTITY, want_entropy=False):
         if not xf.linear or want_entropy or z.dtype != torch.float32:
             rows, st = self._torch_ops().chunk_forward(z, y, xf, want_entropy)
