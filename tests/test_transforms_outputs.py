@@ -85,8 +85,8 @@ def assert_top1(got, ref_top1, z64, y, mask, rtol=1e-5):
 
 
 def _z64(inp, xf_kw):
-    H = inp["weight"].shape[1]
-    r = inp["hidden"].detach().reshape(-1, H).double().cpu() @ inp["weight"].detach().double().cpu().T
+    W = inp["weight"].detach().double().cpu()
+    r = inp["hidden"].detach().reshape(-1, W.shape[1]).double().cpu() @ W.T
     if inp.get("bias") is not None:
         r = r + inp["bias"].detach().double().cpu()
     return transformed_logits(r, **xf_kw)

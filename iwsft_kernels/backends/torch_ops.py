@@ -169,8 +169,8 @@ class TorchOps:
         (coef_i + zcoef_i) e_ij / (1 + rest_i), on target coef_i expm1(logp_i) +
         zcoef_i exp(logp_i) (p_y - 1 without cancellation when p_y -> 1: logp is exact there,
         see chunk_forward); then G_r = G_z dz/dr (its constant factor folded into the per-row
-        factors, times the cap's sech^2 buffer). Returns G in fp32 (reuses e); out_dtype is not used (the
-        gradient GEMMs cast)."""
+        factors, times the cap's sech^2 buffer). Returns G in fp32 (reuses e); out_dtype is
+        not used (the gradient GEMMs cast)."""
         e, rest, dz, k = state
         lp = rows.logp
         coef = coef.float()

@@ -17,7 +17,8 @@ import torch
 from ..config import IDENTITY
 from . import triton_epilogue, triton_grad_weight, triton_lse  # noqa: F401
 from .rows import RowStats
-from .torch_ops import TorchOps, chunk_logits, chunked_logprobs  # SHIM(H1): TorchOps, chunked_logprobs
+# SHIM(H1): TorchOps and chunked_logprobs (the fallbacks below)
+from .torch_ops import TorchOps, chunk_logits, chunked_logprobs
 
 
 class TritonOps:
