@@ -65,6 +65,12 @@ class TritonOps:
         return triton_epilogue.softmax_grad(r, y, mx, rest, c, e, out_dtype, xf)
 
     def grad_hidden(self, g, W):
+        # G may be a column view of a row-padded buffer (triton_epilogue.softmax_grad). torch's
+        # CPU bf16/fp16 GEMM (the interpreter's path) reads the padding of such an operand, and
+        # that memory is uninitialised (NaN garbage gave NaN rows of dH, torch 2.13): on CPU
+        # multiply a contiguous copy. cuBLAS honours the stride.
+        if g.device.type == "cpu" and not g.is_contiguous():
+            g = g.contiguous()
         return g @ W
 
     def accum_grad_weight(self, dW32, g, h):
