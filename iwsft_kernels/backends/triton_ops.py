@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import IDENTITY
 from . import triton_epilogue, triton_grad_weight, triton_lse
 from .rows import RowStats
 from .torch_ops import chunk_logits
@@ -36,20 +37,22 @@ def _row_vector(name: str, t, m: int, device) -> torch.Tensor:
 
 class TritonOps:
     name = "triton"
+    softcap_extra_buffers = 0  # the transform is applied in registers: no (m, V) buffer
 
-    def logprobs(self, h, W, b, y, rows_per_chunk, xf, want_entropy) -> RowStats:
+    def logprobs(self, h, W, b, y, rows_per_chunk, xf=IDENTITY, want_entropy=False) -> RowStats:
         return triton_lse.lse_rows(h, W, b, y, xf, want_entropy)
 
     def logits(self, h, W, b, out=None):
         return chunk_logits(h, W, b, out)
 
-    def chunk_forward(self, r, y, xf, want_entropy):
+    def chunk_forward(self, r, y, xf=IDENTITY, want_entropy=False):
         """Row stats of z = xf(r) for the raw fp32 chunk r (kept unchanged: softmax_grad
         reads it again); state = (r, max, rest)."""
         mx, rest, tgt, s1 = triton_epilogue.row_stats(r, y, xf, want_entropy)
         return triton_epilogue.rows_from(mx, rest, tgt, s1), (r, mx, rest)
 
-    def softmax_grad(self, state, y, rows, coef, zcoef, xf, out_dtype):
+    def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
+                     out_dtype=torch.float32):
         """G_r = dz/dr * G_z, G_z = coef (softmax - onehot) + zcoef softmax. The target entry
         coef (p_y - 1) + zcoef p_y = coef expm1(logp) + zcoef exp(logp): exact when p_y -> 1
         (logp is exact there: its denominator 1 + rest is never rounded); off target the
