@@ -533,7 +533,7 @@ def test_ops_interface_entrywise(ops, xf, rng):
     r[4] = 75 * torch.randn(V, generator=rng)
     r[5] = 0.25
     coef = torch.tensor([0.3, 1.1, 0.0, 0.7, 0.2, 0.9])
-    zcoef = torch.tensor([0.05, -0.02, 0.3, 0.1, 0.0, 0.2])
+    zcoef = torch.tensor([0.05, -0.02, 0.3, 0.1, -0.2, 0.2])  # row 4: coef + zcoef = 0
 
     r64 = r.double()
     kw = dict(logit_scale=xf_.scale, logit_softcap=xf_.softcap,
