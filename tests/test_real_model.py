@@ -138,7 +138,7 @@ def test_patched_model_matches_float64_on_its_own_greedy_answers(smol, record_pr
         apply_iwsft_to_model(model, IWConfig(mode="sft"))
         out = model(**batch)
         out.loss.backward()
-        ours_g, ours_loss = grads_of(model, CHECKED), float(out.loss)
+        ours_g, ours_loss = grads_of(model, CHECKED), float(out.loss.detach())
         ours_lp = out.token_logprobs[:, 1:][keep].double()
         remove_iwsft_patch(model)
         for p in model.parameters():
@@ -146,7 +146,7 @@ def test_patched_model_matches_float64_on_its_own_greedy_answers(smol, record_pr
         # transformers' own loss (fp32 logits, fp32 cross-entropy)
         hf = model(**batch)
         hf.loss.backward()
-        hf_g, hf_loss = grads_of(model, CHECKED), float(hf.loss)
+        hf_g, hf_loss = grads_of(model, CHECKED), float(hf.loss.detach())
         hf_lp = torch.log_softmax(hf.logits[:, :-1][keep].detach().float(), -1).gather(
             1, y[:, None])[:, 0].double()
         # the same fp32 hidden states through a float64 head: what the loss itself controls
