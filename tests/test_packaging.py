@@ -74,21 +74,43 @@ print(json.dumps({"package": iwsft_kernels.__file__, "source": str(native.source
 """
 
 
+def outer_site_packages() -> list[str]:
+    """The site-packages folders of the running environment (a venv's own, or the system's)."""
+    import site
+    import sysconfig
+
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    dirs += [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    out = []
+    for d in dirs:
+        if os.path.isdir(d) and d not in out:
+            out.append(d)
+    return out
+
+
 def test_wheel_in_fresh_venv_loads_native_from_installed_package(wheel, tmp_path):
     if native.disabled():
         pytest.fail("IWSFT_NO_NATIVE is set for this run: the native path cannot be checked")
     venv = tmp_path / "venv"
-    # --system-site-packages: torch comes from here (no download); pip too
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
     py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "IWSFT_NO_NATIVE")}
+    site = subprocess.run([str(py), "-c", "import sysconfig; "
+                           "print(sysconfig.get_paths()['purelib'])"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+    # torch and pip come from THIS environment (no download): its site-packages folders, as
+    # plain path lines of a .pth file in the new venv. Not --system-site-packages: inside a
+    # venv that would give the base interpreter's folders, which need not hold torch. Plain
+    # lines, so this environment's own .pth files (an editable install of the checkout) are
+    # not processed there; the venv's own site-packages (the wheel) comes first on sys.path.
+    (Path(site) / "outer_env.pth").write_text("\n".join(outer_site_packages()) + "\n")
     # --ignore-installed: the checkout may be installed in the outer environment (pip -e .)
     r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--ignore-installed",
                         "-q", str(wheel)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     cwd = tmp_path / "elsewhere"  # not the checkout: nothing can come from the source tree
     cwd.mkdir()
     r = subprocess.run([str(py), "-c", CHECK], cwd=cwd, env=env, capture_output=True,
