@@ -7,6 +7,9 @@ as chunk_forward + softmax_grad (the chunk is refilled from a saved copy before 
 untimed). Median of --reps.
 
     python bench/bench_native_transforms.py [--m 220 --v 151936 --reps 15 --baseline REV]
+                                            [--torch] [--ab-only]
+
+--torch: also times the pure torch ops (TorchOps) on every case.
 
 --baseline REV: compiles csrc/iwsft_epilogue.cpp as of git revision REV (the pre-transform
 two-op interface: chunk_forward(z, y) -> (logp, rest), softmax_grad_(e, y, logp, coef, rest))
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from iwsft_kernels.backends import native_cpu as native
+from iwsft_kernels.backends.torch_ops import TorchOps
 from iwsft_kernels.config import IDENTITY, LogitTransform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +56,9 @@ def main():
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--baseline", default=None, help="git revision of the old epilogue")
+    ap.add_argument("--torch", action="store_true", help="also time the pure torch ops")
+    ap.add_argument("--ab-only", action="store_true",
+                    help="only identity (new) vs --baseline (more reps in the same time)")
     a = ap.parse_args()
     lib = native.load()
     if lib is None:
@@ -65,10 +72,10 @@ def main():
     coef = torch.rand(m, generator=g)
     zcoef = torch.rand(m, generator=g) * 1e-3
 
-    def new(xf, ent=False, zc=None):
+    def new(xf, ent=False, zc=None, o=ops):
         def step():
-            rows, st = ops.chunk_forward(buf, y, xf, ent)
-            ops.softmax_grad(st, y, rows, coef, zc, xf, torch.float32)
+            rows, st = o.chunk_forward(buf, y, xf, ent)
+            o.softmax_grad(st, y, rows, coef, zc, xf, torch.float32)
         return step
 
     cases = {"identity (new)": new(IDENTITY)}
@@ -80,13 +87,22 @@ def main():
             base.softmax_grad_(buf, y, lp, coef, s)
 
         cases["identity (baseline " + a.baseline + ")"] = old
-    cases.update({
-        "identity + entropy": new(IDENTITY, ent=True),
-        "identity + zcoef": new(IDENTITY, zc=zcoef),
-        "scale/temperature": new(LogitTransform(scale=0.5, temperature=0.7)),
-        "softcap 30": new(LogitTransform(softcap=30.0)),
-        "softcap 30 + entropy + zcoef": new(LogitTransform(softcap=30.0), ent=True, zc=zcoef),
-    })
+    variants = {
+        "identity + entropy": (IDENTITY, True, None),
+        "identity + zcoef": (IDENTITY, False, zcoef),
+        "scale/temperature": (LogitTransform(scale=0.5, temperature=0.7), False, None),
+        "softcap 30": (LogitTransform(softcap=30.0), False, None),
+        "softcap 30 + entropy + zcoef": (LogitTransform(softcap=30.0), True, zcoef),
+    }
+    if a.ab_only:
+        variants = {}
+    for k, (xf, ent, zc) in variants.items():
+        cases[k] = new(xf, ent, zc)
+    if a.torch:
+        t_ops = TorchOps()
+        cases["identity (torch ops)"] = new(IDENTITY, o=t_ops)
+        for k, (xf, ent, zc) in variants.items():
+            cases[k + " (torch ops)"] = new(xf, ent, zc, o=t_ops)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, chunk {m} x {V} fp32, "
           f"median of {a.reps} (cases alternate)")
     times = {k: [] for k in cases}
@@ -99,7 +115,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med["identity (new)"]
     for k, t in med.items():
-        print(f"  {k:32s} {t * 1e3:8.1f} ms   x{t / ref:.3f} of identity (new)")
+        print(f"  {k:44s} {t * 1e3:8.1f} ms   x{t / ref:.3f} of identity (new)")
 
 
 if __name__ == "__main__":

@@ -346,8 +346,10 @@ at::Tensor softmax_grad_(at::Tensor e, const at::Tensor& y_in, const at::Tensor&
   const float* zp = has_z ? zcoef.data_ptr<float>() : nullptr;
   const float* sp = rest.data_ptr<float>();
   const double* mp = xf.kind == kCap ? mz.data_ptr<double>() : nullptr;
-  const float f = xf.f, k2 = xf.k2, C = xf.C;
   at::parallel_for(0, m, grain_rows(V), [&](int64_t r0, int64_t r1) {
+    // copies local to the task: the compiler then knows the stores to the chunk do not
+    // change them (it reloads a by-reference capture every iteration)
+    const float f = xf.f, C = xf.C;
     for (int64_t r = r0; r < r1; ++r) {
       float* row = ep + r * V;
       const int64_t t = yp[r];

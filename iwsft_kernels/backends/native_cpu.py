@@ -268,8 +268,12 @@ class NativeTorchOps(TorchOps):
     (TorchOps), whose state softmax_grad recognises and hands back to it."""
 
     name = "torch+native"
+    # no (m, V) buffer beyond the chunk under a softcap (the chunk driver's budget reads this;
+    # TorchOps needs one): the capped state lives in the chunk itself (NativeState)
+    softcap_extra_buffers = 0
 
     def __init__(self, lib=None):
+        super().__init__()
         self._lib = lib if lib is not None else load()
         if self._lib is None:
             raise NativeUnavailable(load_error() or "native epilogue disabled")
@@ -289,17 +293,22 @@ class NativeTorchOps(TorchOps):
         return (RowStats(lp, lse, top1, ent if want_entropy else None),
                 NativeState(r, rest, mz, xf))
 
-    def softmax_grad(self, state, y, rows, coef, zcoef, xf, out_dtype):
-        """G_r = (coef (softmax - onehot) + zcoef softmax) * dz/dr, w.r.t. the raw logits, in
-        the chunk's memory (fp32; converted when out_dtype differs)."""
+    def row_stats(self, r, y, xf=IDENTITY, want_entropy=False):
+        """chunk_forward without keeping the state (TorchOps.logprobs' chunk loop calls this)."""
+        return self.chunk_forward(r, y, xf, want_entropy)[0]
+
+    def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
+                     out_dtype=torch.float32):
+        """G_r = (coef (softmax - onehot) + zcoef softmax) * dz/dr, the gradient w.r.t. the raw
+        logits, written into the chunk's memory, fp32 like TorchOps.softmax_grad (out_dtype is
+        not used: the inherited gradient GEMMs cast)."""
         if not isinstance(state, NativeState):
             return super().softmax_grad(state, y, rows, coef, zcoef, xf, out_dtype)
         if xf != state.xf:
             raise ValueError(f"softmax_grad: the logit transform {xf} differs from the one "
                              f"chunk_forward used ({state.xf})")
-        g = self._lib.softmax_grad_(state.buf, y, rows.logp, coef, zcoef, state.rest, state.mz,
-                                    xf.scale, xf.softcap, xf.temperature)
-        return g if out_dtype in (None, torch.float32) else g.to(out_dtype)
+        return self._lib.softmax_grad_(state.buf, y, rows.logp, coef, zcoef, state.rest,
+                                       state.mz, xf.scale, xf.softcap, xf.temperature)
 
 
 def native_ops() -> NativeTorchOps | None:
