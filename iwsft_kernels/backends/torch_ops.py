@@ -68,9 +68,10 @@ def logits_buffer(rows: int, V: int, device) -> torch.Tensor | None:
     return torch.empty(rows, V, dtype=torch.float32, device=device)
 
 
-# rows of a chunk handled at once by the entropy pass (its temporaries stay ~4 MiB of fp32;
-# few blocks: every torch op is one parallel region, costly on a busy machine)
-_BLOCK_ELEMS = 2**20
+# rows of a chunk handled at once by the entropy pass, so that its temporaries stay small:
+# ~8 MiB of fp32 per temporary (~14 rows at V = 151,936; 1 MiB blocks meant one row per block
+# there, and per-op overheads dominated on a busy CPU: every torch op is a parallel region)
+_BLOCK_ELEMS = 2**21
 
 
 def _row_blocks(m: int, V: int):
