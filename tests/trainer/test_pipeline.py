@@ -111,7 +111,8 @@ def test_bad_inputs_exit_with_clear_message(tmp_path, capsys):
     assert "model path does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "response": "b", "quality": -1.0}) + "\n")
-    assert main(SMALL + ["--data", str(bad), "--output-dir", out]) == 2
+    # the quality column is checked when the run uses it (here: --quality-weight)
+    assert main(SMALL + ["--data", str(bad), "--quality-weight", "--output-dir", out]) == 2
     assert "must be finite and >= 0" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
