@@ -259,12 +259,11 @@ def train(cfg: TrainConfig) -> dict:
         ev = evaluate(model, eval_set, tok.pad_token_id, dev)
         state["eval_before"], state["eval_before_metrics"] = ev["eval_loss"], ev
     eval_before = state.get("eval_before_metrics", {"eval_loss": state["eval_before"]})
-    tracking = log_with not in (None, "none")
-    if tracking:
+    if log_with not in (None, "none"):
         acc.init_trackers("iwsft", config={k: v for k, v in cfg.to_dict().items()
                                            if isinstance(v, (int, float, str, bool))})
-        if start == 0:
-            acc.log(eval_before, step=0)
+    if start == 0:  # the trackers get eval_* at step 0 and, with the last step's line, at the end
+        acc.log(eval_before, step=0)
 
     # 5. train
     stop = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
