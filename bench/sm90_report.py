@@ -173,6 +173,7 @@ def capture_case(case: Case) -> list[Launch]:
     launches: LSE (phase 1), row logsumexp, softmax gradient, dW (16-bit)."""
     from iwsft_kernels.backends.triton_ops import TritonOps
     from iwsft_kernels.backends.triton_configs import interpreting
+    from iwsft_kernels.config import IDENTITY
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the CUDA configs would not be chosen "
                            "(run this in a process without it: run_subprocess)")
@@ -189,9 +190,9 @@ def capture_case(case: Case) -> list[Launch]:
         with recording() as launches:
             ops.logprobs(h, W, b, y, case.M)
             z = torch.empty(case.M, case.V, dtype=torch.float32, device="meta")
-            logp, state = ops.chunk_forward(z, y)
+            rows, state = ops.chunk_forward(z, y)
             coef = torch.empty(case.M, dtype=torch.float32, device="meta")
-            g = ops.softmax_grad(state, y, logp, coef, dt)
+            g = ops.softmax_grad(state, y, rows, coef, None, IDENTITY, dt)
             dW = torch.empty(case.V, case.H, dtype=torch.float32, device="meta")
             ops.accum_grad_weight(dW, g, h)
     finally:

@@ -7,6 +7,7 @@ pytest.importorskip("triton")
 
 from conftest import DEVICE  # noqa: E402
 from iwsft_kernels.backends import torch_ops, triton_epilogue, triton_grad_weight, triton_lse  # noqa: E402
+from iwsft_kernels.config import IDENTITY  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -32,13 +33,14 @@ def test_epilogue(rng, zdtype, gdtype):
     c = torch.randn(m, generator=rng).to(DEVICE)
     mx, rest, logp = triton_epilogue.row_lse(z.clone(), y)
     ops = torch_ops.TorchOps()
-    logp_t, state = ops.chunk_forward(z.clone().float(), y)
+    rows_t, state = ops.chunk_forward(z.clone().float(), y)
+    logp_t = rows_t.logp
     # state: (max, rest = row sum of exp(z - max) without one arg-max entry)
     torch.testing.assert_close(mx + torch.log1p(rest), torch.logsumexp(z.float(), 1))
     torch.testing.assert_close(rest, state[1], rtol=2e-6, atol=0)
     torch.testing.assert_close(logp, logp_t)
     g = triton_epilogue.softmax_grad(z.clone(), y, mx, rest, c, torch.expm1(logp), gdtype)
-    g_t = ops.softmax_grad(state, y, logp_t, c, gdtype)
+    g_t = ops.softmax_grad(state, y, rows_t, c, None, IDENTITY, gdtype)
     assert g.dtype == gdtype
     tol = 0 if gdtype == torch.float32 else 8e-3  # one bf16 rounding may differ
     torch.testing.assert_close(g.float(), g_t.float(), rtol=tol or 1.3e-6, atol=tol or 1e-5)

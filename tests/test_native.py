@@ -15,6 +15,7 @@ import torch
 
 from helpers import make_inputs, reference_grads, rel
 from iwsft_kernels import IWConfig, linear_iwsft_loss
+from iwsft_kernels.config import IDENTITY
 from iwsft_kernels.backends import native_cpu as native
 from iwsft_kernels.backends.torch_ops import TorchOps
 from iwsft_kernels.core import select_ops as _ops
@@ -46,9 +47,9 @@ def _pair(z, y, coef):
     t, n = TorchOps(), native.NativeTorchOps()
     out = []
     for ops in (t, n):
-        lp, state = ops.chunk_forward(z.clone(), y)
-        s = state[1].clone()
-        g = ops.softmax_grad(state, y, lp, coef, torch.float32)
+        rows, state = ops.chunk_forward(z.clone(), y)
+        lp, s = rows.logp, state[1].clone()
+        g = ops.softmax_grad(state, y, rows, coef, None, IDENTITY, torch.float32)
         out.append((lp, s, g))
     return out
 
@@ -132,9 +133,9 @@ def test_native_ops_non_cpu_or_noncontig_fall_back(lib, rng):
     n, t = native.NativeTorchOps(), TorchOps()
     lp1, st1 = n.chunk_forward(z.clone(), y)
     lp0, st0 = t.chunk_forward(z.clone(), y)
-    torch.testing.assert_close(lp1, lp0)
-    torch.testing.assert_close(n.softmax_grad(st1, y, lp1, coef, torch.float32),
-                               t.softmax_grad(st0, y, lp0, coef, torch.float32))
+    torch.testing.assert_close(lp1.logp, lp0.logp)
+    torch.testing.assert_close(n.softmax_grad(st1, y, lp1, coef, None, IDENTITY, torch.float32),
+                               t.softmax_grad(st0, y, lp0, coef, None, IDENTITY, torch.float32))
 
 
 def test_dispatch_uses_native_on_cpu(lib, monkeypatch):
@@ -163,9 +164,9 @@ def test_loss_native_vs_pure(lib, rng, monkeypatch, mode, opts, dtype, chunk_byt
     calls = {"n": 0}
     orig = native.NativeTorchOps.chunk_forward
 
-    def counting(self, z, y):
+    def counting(self, z, y, *a):
         calls["n"] += 1
-        return orig(self, z, y)
+        return orig(self, z, y, *a)
 
     monkeypatch.setattr(native.NativeTorchOps, "chunk_forward", counting)
     out_n, g_n = run_ours(inp, cfg, "torch", -0.7, quality=q, **kw)

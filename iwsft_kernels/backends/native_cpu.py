@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import IDENTITY
+from .rows import RowStats
 from .torch_ops import TorchOps
 
 _HERE = Path(__file__).resolve()
@@ -247,12 +249,13 @@ def _reset_for_tests():
 class NativeTorchOps(TorchOps):
     """TorchOps with the per-chunk epilogue (chunk_forward, softmax_grad) done by the native
     CPU kernels; anything they do not cover (non-CPU or non-contiguous chunks) goes to the
-    pure torch code. The state between the two is (e, rest), as in TorchOps (rest = the row's
-    sum of e without one arg-max entry)."""
+    pure torch code. The state between the two is (e, rest, dzdr), as in TorchOps (rest = the
+    row's sum of e without one arg-max entry)."""
 
     name = "torch+native"
 
     def __init__(self, lib=None):
+        super().__init__()
         self._lib = lib if lib is not None else load()
         if self._lib is None:
             raise NativeUnavailable(load_error() or "native epilogue disabled")
@@ -262,17 +265,38 @@ class NativeTorchOps(TorchOps):
         return (z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 2
                 and z.is_contiguous() and y.dtype == torch.int64)
 
-    def chunk_forward(self, z, y):
-        if not self._native_ok(z, y):
-            return super().chunk_forward(z, y)
-        lp, s = self._lib.chunk_forward(z, y)
-        return lp, (z, s)
+    # SHIM(H1): the native kernels predate the logit transforms / fused outputs / z-loss.
+    # Transforms with a softcap and entropy go to the pure torch ops; no cap (z = f r) is
+    # applied in place first; lse and top1 need the row max and target logit, read by one
+    # extra torch sweep (amax) before the native kernel; the z-loss and a constant dz/dr are
+    # folded into the per-row coefficient, and the target entry rewritten after the kernel.
+    # Drop when the native epilogue implements the new interface.
+    def chunk_forward(self, r, y, xf=IDENTITY, want_entropy=False):
+        if not self._native_ok(r, y) or not xf.linear or want_entropy:
+            return super().chunk_forward(r, y, xf, want_entropy)
+        if not xf.identity:
+            r.mul_(xf.factor)
+        t = r.gather(1, y[:, None]).squeeze(1)
+        mx = r.amax(dim=1)
+        lp, rest = self._lib.chunk_forward(r, y)
+        rows = RowStats(logp=lp, lse=mx + torch.log1p(rest), top1=t == mx)
+        return rows, (r, rest, None if xf.identity else xf.factor)
 
-    def softmax_grad(self, state, y, logp, coef, out_dtype):
-        e, s = state
-        if not self._native_ok(e, y):
-            return super().softmax_grad(state, y, logp, coef, out_dtype)
-        return self._lib.softmax_grad_(e, y, logp, coef, s)
+    def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
+                     out_dtype=torch.float32):
+        e, rest, dzdr = state
+        if not self._native_ok(e, y) or isinstance(dzdr, torch.Tensor):
+            return super().softmax_grad(state, y, rows, coef, zcoef, xf, out_dtype)
+        k = 1.0 if dzdr is None else dzdr
+        c = coef if zcoef is None else coef + zcoef
+        if k != 1.0:
+            c = c * k
+        g = self._lib.softmax_grad_(e, y, rows.logp, c, rest)
+        if zcoef is not None:
+            lp = rows.logp
+            tgt = (coef * torch.expm1(lp) + zcoef * torch.exp(lp)) * k
+            g.scatter_(1, y[:, None], tgt[:, None])
+        return g
 
 
 def native_ops() -> NativeTorchOps | None:
