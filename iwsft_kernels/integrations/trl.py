@@ -35,7 +35,8 @@ detached: "sft" w = 1; "token" w_i = clamp(exp(T d_i), w_min, w_max); "sequence"
 w_s = clamp(exp(T mean_{i in s} d_i), w_min, w_max), ``d_i = log p(y_i) - ref_i``, one
 sequence = one example (a packed row holds several). ``quality`` multiplies w_s.
 
-Evaluation (``eval_dataset``) reports the plain token NLL (mode "sft", no reference needed).
+Evaluation (``eval_dataset``) reports the plain token NLL (mode "sft", no reference needed),
+with ``eval_entropy`` and ``eval_mean_token_accuracy`` like SFTTrainer.
 """
 
 from __future__ import annotations
@@ -259,11 +260,17 @@ class IWSFTTrainer(SFTTrainer):
     After construction: ``trainer.iw_reference`` tells where the reference log-probs came from
     ({"source": "computed" | "cache" | "zero" | None, "cache_dir", "parts" (the fingerprint's
     components), "model"}).
-    Logged next to TRL's metrics (train), over the logging window and all ranks:
+    Logged: SFTTrainer's metrics under its names and with its reduction (``loss``, here the
+    weighted loss, ``grad_norm``, ``learning_rate``, ``num_tokens``, ``entropy``,
+    ``mean_token_accuracy``; eval: ``eval_loss``, the plain token NLL, ``eval_entropy``,
+    ``eval_mean_token_accuracy``, ``eval_num_tokens``), the entropy and top-1 coming from the
+    fused loss; and next to them (train), over the logging window and all ranks:
     ``iw/weight_mean``, ``iw/weight_min``, ``iw/weight_max``, ``iw/ess_fraction``
     ((sum w)^2 / sum w^2 / count), ``iw/clip_frac_max``, ``iw/clip_frac_min``,
     ``iw/log_ratio_mean`` (units: sequences in sequence mode, target tokens otherwise), and
-    ``iw/nll``, the unweighted mean token NLL (``loss`` is the weighted loss)."""
+    ``iw/nll``, the unweighted mean token NLL. At each log line the last optimizer step's
+    per-sequence weights go to ``<output_dir>/last_step_weights.json``; ``python -m
+    iwsft_kernels.report <output_dir>`` draws the run."""
 
     _tag_names = ["trl", "sft", "iwsft"]
     _name = "IW-SFT"
