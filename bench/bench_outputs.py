@@ -129,14 +129,21 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--mode", default="sequence", choices=["sft", "token", "sequence"])
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's). On a machine shared with "
+                         "other jobs, 1 thread measures the work; more threads add the cost of "
+                         "every small parallel op waiting for a descheduled thread")
     ap.add_argument("--out", default=None, help="results stem (default bench/results/"
                                                 "outputs-cpu-<date>)")
     a = ap.parse_args(argv)
     _check_api()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     ns = a.ns or ([512] if a.quick else [512, 1024])
     pairs = a.pairs or (3 if a.quick else 5)
     date = _dt.date.today().isoformat()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load " \
+              f"average {os.getloadavg()[0]:.1f} at the start"
     res = {"date": date, "quick": a.quick, "backend": a.backend, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "machine": machine, "cells": []}
     stem = Path(a.out) if a.out else RESULTS / f"outputs-cpu-{date}"
