@@ -104,7 +104,7 @@ def load_model(name: str, cfg: TrainConfig):
     except Exception as e:
         raise ModelLoadError(f"cannot load model {name!r} (not a local model directory, and "
                              f"not loadable from the hub: {type(e).__name__}: {e})") from e
-    return model, model_identity(name, model.config)
+    return model, model_identity(name, model.config, model=model)
 
 
 # ----------------------------------------------------------------------------- helpers
