@@ -414,9 +414,15 @@ def test_errors(rng):
             LinearIWSFTLoss(z_loss=zl)
 
 
-def test_softcap_chunk_budget(monkeypatch, rng):
+@pytest.mark.parametrize("which", ["torch", "native"])
+def test_softcap_chunk_budget(monkeypatch, rng, which):
     """With a softcap the torch ops hold one more fp32 (m, V) buffer (dz/dr): the chunk
-    budget counts it, so a chunk has half the rows (fp32)."""
+    budget counts it, so a chunk has half the rows (fp32). The native CPU epilogue keeps its
+    softcap state in the chunk itself (no extra buffer): full rows."""
+    if which == "native" and (DEVICE.type != "cpu" or native.load() is None):
+        pytest.skip("the native CPU epilogue is not available here")
+    if which == "torch":
+        monkeypatch.setenv("IWSFT_NO_NATIVE", "1")
     assert rows_per_chunk(1000, torch.float32, 10 * 4000, 1) == 5
     # bf16: fp32 chunk + bf16 copy (6 bytes per entry), + the dz/dr buffer (10 bytes)
     assert rows_per_chunk(1000, torch.bfloat16, 12 * 6000) == 12
@@ -434,7 +440,7 @@ def test_softcap_chunk_budget(monkeypatch, rng):
     for cap in (None, 3.0):
         linear_iwsft_loss(h, inp["weight"], inp["labels"], config=IWConfig(mode="sft"),
                           chunk_bytes=10 * V * 4, logit_softcap=cap, backend="torch")
-    assert seen == [10, 5]
+    assert seen == [10, 10 if which == "native" else 5]
 
 
 def test_torch_ops_buffers(rng):

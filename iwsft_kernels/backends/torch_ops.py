@@ -69,8 +69,9 @@ def logits_buffer(rows: int, V: int, device) -> torch.Tensor | None:
 
 
 # rows of a chunk handled at once by the block-wise passes below (softcap transform, entropy),
-# so that their temporaries stay small: ~1 MiB of fp32 per temporary
-_BLOCK_ELEMS = 2**18
+# so that their temporaries stay small: ~8 MiB of fp32 per temporary (~14 rows at V = 151,936;
+# 1 MiB blocks meant one row per block there, and per-op overheads dominated on a busy CPU)
+_BLOCK_ELEMS = 2**21
 
 
 def _row_blocks(m: int, V: int):
@@ -84,7 +85,7 @@ def apply_transform(r: torch.Tensor, xf: LogitTransform, dz: torch.Tensor | None
     Without a cap: z = (scale / temperature) r, and nothing else. With a cap c (x = s r / c,
     u = exp(-2|x|)): z = (c / tau) sign(x) (1 - u) / (1 + u), and if ``dz`` (an fp32 (m, V)
     buffer) is given it receives dz/dr = (s / tau) 4u / (1 + u)^2 (never 1 - tanh^2). Done in
-    row blocks: the temporaries are a few blocks of ~1 MiB, not (m, V)."""
+    row blocks: the temporaries are a few blocks of ~8 MiB, not (m, V)."""
     if xf.identity:
         return r
     if xf.linear:
