@@ -94,8 +94,8 @@ def measure(n: int, pairs: int, mode: str, backend: str, grad: bool) -> dict:
             times[which].append(time.perf_counter() - t0)
     ratios = [a / b for a, b in zip(times["on"], times["off"])]
     return {
-        "n": n, "targets": int(m.sum()), "what": "forward+backward" if grad else
-        "no-grad forward (mode sft)", "mode": mode if grad else "sft", "pairs": pairs,
+        "n": n, "targets": int(m.sum()), "what": "forward+backward (train)" if grad else
+        "no-grad forward (eval)", "mode": mode if grad else "sft", "pairs": pairs,
         "off_s": times["off"], "on_s": times["on"],
         "off_median_s": statistics.median(times["off"]),
         "on_median_s": statistics.median(times["on"]),
@@ -106,11 +106,26 @@ def measure(n: int, pairs: int, mode: str, backend: str, grad: bool) -> dict:
     }
 
 
+def _git_rev() -> str | None:
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "iwsft_kernels"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
+
+
 def _markdown(res: dict) -> str:
     lines = [f"# Cost of the fused entropy + top-1 outputs (CPU, {res['date']})", "",
              f"{res['machine']}; torch {res['torch']}, {res['threads']} threads; "
-             f"H = {H}, V = {V}, fp32; backend `{res['backend']}`; "
-             f"`python -m bench.bench_outputs{' --quick' if res['quick'] else ''}`.", "",
+             f"H = {H}, V = {V}, fp32; backend `{res['backend']}`; package "
+             f"{res.get('iwsft_kernels_git')}; `{res.get('command', 'python -m bench.bench_outputs')}`.",
+             "",
              "| what | N (targets) | off: median s | on: median s | on / off (median of pairs) "
              "| range over pairs |", "|---|---|---|---|---|---|"]
     for r in res["cells"]:
@@ -119,6 +134,8 @@ def _markdown(res: dict) -> str:
                      f"{r['ratio_median']:.3f} ({(r['ratio_median'] - 1) * 100:+.1f}%) | "
                      f"{r['ratio_min']:.3f} - {r['ratio_max']:.3f} |")
     lines += ["", "Target: <= 5% extra time (on / off <= 1.05)."]
+    if res.get("note"):
+        lines += ["", res["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +162,11 @@ def main(argv=None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load " \
               f"average {os.getloadavg()[0]:.1f} at the start"
     res = {"date": date, "quick": a.quick, "backend": a.backend, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "machine": machine, "cells": []}
+           "threads": torch.get_num_threads(), "machine": machine,
+           "iwsft_kernels_git": _git_rev(),
+           "command": "python -m bench.bench_outputs " + " ".join(argv if argv is not None
+                                                                 else sys.argv[1:]),
+           "cells": []}
     stem = Path(a.out) if a.out else RESULTS / f"outputs-cpu-{date}"
     for n in ns:
         for grad in ((True,) if a.quick else (True, False)):
