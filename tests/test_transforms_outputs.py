@@ -85,8 +85,8 @@ def assert_top1(got, ref_top1, z64, y, mask, rtol=1e-5):
 
 
 def _z64(inp, xf_kw):
-    H = inp["weight"].shape[1]
-    r = inp["hidden"].detach().reshape(-1, H).double().cpu() @ inp["weight"].detach().double().cpu().T
+    W = inp["weight"].detach().double().cpu()
+    r = inp["hidden"].detach().reshape(-1, W.shape[1]).double().cpu() @ W.T
     if inp.get("bias") is not None:
         r = r + inp["bias"].detach().double().cpu()
     return transformed_logits(r, **xf_kw)
@@ -539,7 +539,7 @@ def test_ops_interface_entrywise(ops, xf, rng):
     r[4] = 75 * torch.randn(V, generator=rng)
     r[5] = 0.25
     coef = torch.tensor([0.3, 1.1, 0.0, 0.7, 0.2, 0.9])
-    zcoef = torch.tensor([0.05, -0.02, 0.3, 0.1, 0.0, 0.2])
+    zcoef = torch.tensor([0.05, -0.02, 0.3, 0.1, -0.2, 0.2])  # row 4: coef + zcoef = 0
 
     r64 = r.double()
     kw = dict(logit_scale=xf_.scale, logit_softcap=xf_.softcap,

@@ -68,9 +68,9 @@ def logits_buffer(rows: int, V: int, device) -> torch.Tensor | None:
     return torch.empty(rows, V, dtype=torch.float32, device=device)
 
 
-# rows of a chunk handled at once by the block-wise passes below (softcap transform, entropy),
-# so that their temporaries stay small: ~8 MiB of fp32 per temporary (~14 rows at V = 151,936;
-# 1 MiB blocks meant one row per block there, and per-op overheads dominated on a busy CPU)
+# rows of a chunk handled at once by the entropy pass, so that its temporaries stay small:
+# ~8 MiB of fp32 per temporary (~14 rows at V = 151,936; 1 MiB blocks meant one row per block
+# there, and per-op overheads dominated on a busy CPU: every torch op is a parallel region)
 _BLOCK_ELEMS = 2**21
 
 
@@ -82,22 +82,22 @@ def _row_blocks(m: int, V: int):
 
 def apply_transform(r: torch.Tensor, xf: LogitTransform, dz: torch.Tensor | None = None):
     """r (m, V) fp32 raw logits -> the transformed logits z, in place (config.LogitTransform).
-    Without a cap: z = (scale / temperature) r, and nothing else. With a cap c (x = s r / c,
-    u = exp(-2|x|)): z = (c / tau) sign(x) (1 - u) / (1 + u), and if ``dz`` (an fp32 (m, V)
-    buffer) is given it receives dz/dr = (s / tau) 4u / (1 + u)^2 (never 1 - tanh^2). Done in
-    row blocks: the temporaries are a few blocks of ~8 MiB, not (m, V)."""
+    Without a cap: z = (scale / temperature) r. With a cap c: z = (c / tau) tanh(x),
+    x = s r / c, and if ``dz`` (an fp32 (m, V) buffer) is given it receives
+    sech^2(x) = cosh(x)^-2, so that dz/dr = (s / tau) * dz. Both from torch's vectorised tanh /
+    cosh (accurate to a few ulp: no 1 - tanh^2, which is 0 once tanh rounds to 1; no (1 - u)
+    cancellation near x = 0) in 5 full-chunk passes and no temporaries (cosh overflows to inf
+    for |x| > 89, giving sech^2 = 0, below fp32's range anyway)."""
     if xf.identity:
         return r
     if xf.linear:
         return r.mul_(xf.factor)
     s, c, tau = xf.scale, xf.softcap, xf.temperature
-    for a, b in _row_blocks(r.shape[0], r.shape[1]):
-        rb = r[a:b]
-        u = rb.abs().mul_(-2.0 * s / c).exp_()  # u = exp(-2|x|) in (0, 1]
-        onep = u + 1.0
-        if dz is not None:
-            torch.div(u, onep.square(), out=dz[a:b]).mul_(4.0 * s / tau)
-        rb.sign_().mul_((1.0 - u).div_(onep)).mul_(c / tau)
+    if dz is None:
+        return r.mul_(s / c).tanh_().mul_(c / tau)
+    x = torch.mul(r, s / c, out=dz)
+    torch.tanh(x, out=r).mul_(c / tau)
+    dz.cosh_().pow_(-2.0)
     return r
 
 
@@ -132,38 +132,28 @@ class TorchOps:
     # -- one-pass chunk: the row statistics, then the weighted softmax-minus-onehot gradient --
     def chunk_forward(self, r, y, xf=IDENTITY, want_entropy=False):
         """Consumes r (fp32 raw logits, owned): r <- z (transformed) <- e = exp(z - max).
-        Returns RowStats and the state (e, rest, dzdr) that softmax_grad finishes from, where
+        Returns RowStats and the state (e, rest, dz, k) that softmax_grad finishes from, where
         rest = the sum of e over every entry except ONE arg-max entry (whose e is exactly 1),
         so sum(e) = 1 + rest without ever rounding 1 + rest. logp = (z_y - max) - log1p(rest):
         exact to fp32 relative rounding even when p_y -> 1 (log(1 + rest) would quantise logp
-        to multiples of 2^-24 and give exactly 0 for 1 - p_y < 6e-8). dzdr: None (identity),
-        the constant scale / temperature (no cap), or an fp32 (m, V) tensor (cap)."""
+        to multiples of 2^-24 and give exactly 0 for 1 - p_y < 6e-8). dz/dr = k * dz: dz is
+        None without a cap (k = scale / temperature, 1 for the identity) and the fp32 (m, V)
+        sech^2 buffer with one (k = scale / temperature). Entropy (only if asked): S1 =
+        sum_j e_j (z_j - max) = sum_j e_j log e_j, one extra pass over e in row blocks."""
         return self._forward(r, y, xf, want_entropy, need_dz=True)
 
     def _forward(self, r, y, xf, want_entropy, need_dz):
-        dz = None
-        if xf.linear:
-            dzdr = None if xf.identity else xf.factor
-        else:
-            dz = self._dz_buffer(r) if need_dz else None
-            dzdr = dz
+        dz = self._dz_buffer(r) if need_dz and not xf.linear else None
         z = apply_transform(r, xf, dz)
         t = z.gather(1, y[:, None]).squeeze(1)
         mx, arg = z.max(dim=1, keepdim=True)
-        if want_entropy:  # e = exp(z - max) and S1 = sum e (z - max), row block by row block
-            zs = z.sub_(mx)
-            s1 = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
-            for a, b in _row_blocks(z.shape[0], z.shape[1]):
-                eb = zs[a:b].exp()
-                prod = eb * zs[a:b]
-                # e = 0 at z = -inf: 0 * -inf = nan must count 0 (a nan row stays nan: its
-                # rest is nan)
-                s1[a:b] = prod.nan_to_num_(nan=0.0, posinf=float("inf"),
-                                           neginf=float("-inf")).sum(dim=1)
-                zs[a:b] = eb
-            e = zs
-        else:
-            e = z.sub_(mx).exp_()
+        e = z.sub_(mx).exp_()
+        if want_entropy:
+            # S1 = sum e log e (xlogy: 0 where e = 0, e.g. z = -inf; the arg-max's e = 1
+            # gives 0); e log e = e (z - max) to fp32 rounding of e
+            s1 = torch.empty(e.shape[0], dtype=torch.float32, device=e.device)
+            for a, b in _row_blocks(e.shape[0], e.shape[1]):
+                s1[a:b] = torch.special.xlogy(e[a:b], e[a:b]).sum(dim=1)
         e.scatter_(1, arg, 0.0)
         rest = e.sum(dim=1)
         e.scatter_(1, arg, 1.0)
@@ -171,7 +161,7 @@ class TorchOps:
         l1p = torch.log1p(rest)
         rows = RowStats(logp=((t - mx) - l1p).clamp_(max=0.0), lse=mx + l1p, top1=t == mx,
                         entropy=entropy_from(rest, s1) if want_entropy else None)
-        return rows, (e, rest, dzdr)
+        return rows, (e, rest, dz, xf.factor)
 
     def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
                      out_dtype=torch.float32):
@@ -179,26 +169,26 @@ class TorchOps:
         G_z = coef_i (softmax_i - onehot(y_i)) + zcoef_i softmax_i, fp32: off target
         (coef_i + zcoef_i) e_ij / (1 + rest_i), on target coef_i expm1(logp_i) +
         zcoef_i exp(logp_i) (p_y - 1 without cancellation when p_y -> 1: logp is exact there,
-        see chunk_forward); then G_r = G_z dz/dr (a constant folded into the per-row factors,
-        or the cap's dz/dr buffer). Returns G in fp32 (reuses e); out_dtype is not used (the
-        gradient GEMMs cast)."""
-        e, rest, dzdr = state
+        see chunk_forward); then G_r = G_z dz/dr (its constant factor folded into the per-row
+        factors, times the cap's sech^2 buffer). Returns G in fp32 (reuses e); out_dtype is
+        not used (the gradient GEMMs cast)."""
+        e, rest, dz, k = state
         lp = rows.logp
         coef = coef.float()
         tgt = coef * torch.expm1(lp)
         if zcoef is None:
-            k = coef / (1.0 + rest)
+            row = coef / (1.0 + rest)
         else:
             zcoef = zcoef.float()
-            k = (coef + zcoef) / (1.0 + rest)
+            row = (coef + zcoef) / (1.0 + rest)
             tgt = tgt + zcoef * torch.exp(lp)
-        if isinstance(dzdr, float):
-            k = k * dzdr
-            tgt = tgt * dzdr
-        g = e.mul_(k[:, None])
+        if k != 1.0:
+            row = row * k
+            tgt = tgt * k
+        g = e.mul_(row[:, None])
         g.scatter_(1, y[:, None], tgt[:, None])
-        if isinstance(dzdr, torch.Tensor):
-            g.mul_(dzdr)
+        if dz is not None:
+            g.mul_(dz)
         return g
 
     # -- gradient GEMMs -----------------------------------------------------------------------
