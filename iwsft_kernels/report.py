@@ -296,16 +296,23 @@ def _have_matplotlib() -> bool:
     return True
 
 
+def _line(ax, xs, ys, style: str, **kw):
+    """ax.plot with point markers when there are few points (a single step is still seen)."""
+    if len(xs) <= 40 and not any(c in style for c in "o.s^v*x+"):
+        kw.setdefault("marker", ".")
+    return ax.plot(xs, ys, style, **kw)
+
+
 def _panel_loss(ax, run: Run) -> bool:
     drawn = False
     for key, style in (("loss", "-"), ("nll", "--")):
         xs, ys = series(run.train, key)
         if xs:
-            ax.plot(xs, ys, style, marker="." if len(xs) < 40 else None, label=f"train {key}")
+            _line(ax, xs, ys, style, label=f"train {key}")
             drawn = True
     xs, ys = series(run.eval, "loss")
     if xs:
-        ax.plot(xs, ys, "o:", label="eval NLL")
+        _line(ax, xs, ys, "o:", label="eval NLL")
         drawn = True
     ax.set_title("loss and NLL")
     ax.set_ylabel("nats / target token")
@@ -316,11 +323,11 @@ def _panel_entropy(ax, run: Run) -> bool:
     drawn = False
     xs, ys = series(run.train, "entropy")
     if xs:
-        ax.plot(xs, ys, "-", color="C0", label="train entropy")
+        _line(ax, xs, ys, "-", color="C0", label="train entropy")
         drawn = True
     xs, ys = series(run.eval, "entropy")
     if xs:
-        ax.plot(xs, ys, "o:", color="C0", label="eval entropy")
+        _line(ax, xs, ys, "o:", color="C0", label="eval entropy")
         drawn = True
     ax.set_ylabel("entropy (nats)")
     ax.ticklabel_format(axis="y", useOffset=False)
@@ -328,7 +335,7 @@ def _panel_entropy(ax, run: Run) -> bool:
     for rows, style, name in ((run.train, "-", "train"), (run.eval, "s:", "eval")):
         xs, ys = series(rows, "mean_token_accuracy")
         if xs:
-            ax2.plot(xs, ys, style, color="C1", label=f"{name} token accuracy")
+            _line(ax2, xs, ys, style, color="C1", label=f"{name} token accuracy")
             drawn = True
     ax2.set_ylabel("token accuracy")
     ax2.set_ylim(-0.02, 1.02)
@@ -345,11 +352,11 @@ def _panel_weights(ax, run: Run) -> bool:
     if not xs:
         ax.set_title("importance weights (not logged)")
         return False
-    ax.plot(xs, mean, "-", color="C2", label="mean")
+    _line(ax, xs, mean, "-", color="C2", label="mean")
     for key, style in (("weight_min", ":"), ("weight_max", "--")):
         x, y = series(run.train, key)
         if x:
-            ax.plot(x, y, style, color="C2", label=key.split("_")[1])
+            _line(ax, x, y, style, color="C2", label=key.split("_")[1])
     clip = ""
     if run.weights and run.weights.get("w_max") is not None:
         clip = f" (clip [{fmt(run.weights.get('w_min'))}, {fmt(run.weights['w_max'])}])"
@@ -363,7 +370,7 @@ def _panel_ess(ax, run: Run) -> bool:
     for key, style in (("ess_fraction", "-"), ("clip_frac_max", "--"), ("clip_frac_min", ":")):
         xs, ys = series(run.train, key)
         if xs:
-            ax.plot(xs, ys, style, label=key)
+            _line(ax, xs, ys, style, label=key)
             drawn = True
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("ESS fraction and clip fractions")
@@ -389,12 +396,12 @@ def _panel_opt(ax, run: Run) -> bool:
     xs, ys = series(run.train, "grad_norm")
     drawn = bool(xs)
     if xs:
-        ax.plot(xs, ys, "-", color="C3", label="grad norm")
+        _line(ax, xs, ys, "-", color="C3", label="grad norm")
     ax.set_ylabel("grad norm")
     xs, ys = series(run.train, "lr")
     if xs:
         ax2 = ax.twinx()
-        ax2.plot(xs, ys, "--", color="C4", label="learning rate")
+        _line(ax2, xs, ys, "--", color="C4", label="learning rate")
         ax2.set_ylabel("learning rate")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
