@@ -74,7 +74,7 @@ def test_rft_pipeline_tiny(tmp_path, monkeypatch):
     res = run.run(sc, tmp_path / "work", tmp_path / "results", "smoke", True, str(model), jobs=1)
 
     cur = res["curation"]
-    assert cur["samples"] == 8 and cur["kept"] == 8 and cur["per_seed"][0]["n"] == 6
+    assert cur["samples"] == 8 and cur["kept"] == 8 and cur["per_seed"]["0"]["n"] == 6
     _, train = task.splits(sc.task_seed, sc.n_test, sc.n_train)
     rows = [json.loads(x) for x in
             (tmp_path / "work" / "seed0" / "curated.jsonl").read_text().splitlines()]

@@ -191,7 +191,7 @@ def curate(work: Path, sc: Scale) -> dict:
         path = curated_path(work, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-        stats["per_seed"][seed] = {
+        stats["per_seed"][str(seed)] = {
             "n": len(recs), "distinct_problems": len({kept[i]["problem"] for i in pick}),
             "mean_chars": statistics.fmean(len(kept[i]["response"]) for i in pick)
             if pick else 0.0}
@@ -399,7 +399,8 @@ def write_markdown(res: dict, path: Path) -> None:
     S, sc, cur = res["summary"], res["scale"], res["curation"]
     L = [f"# RFT of SmolLM2-135M-Instruct: SFT vs iw-SFT vs DFT{' (quick)' if res['quick'] else ''}",
          "", f"Written by `python -m bench.repro.smollm2.run{' --quick' if res['quick'] else ''}`"
-         f" ({res.get('wall_s', 0) / 60:.1f} min wall, {res['jobs']} worker processes).", "",
+         f" ({res.get('wall_s', 0) / 60:.1f} min wall, {res['jobs']} worker processes)."
+         + (f" **Partial result: {res['units_done']} done.**" if res.get("partial") else ""), "",
          f"Scale: {json.dumps(sc)}", "",
          f"Environment: {json.dumps(res['environment'])}", "",
          f"Starting model, greedy test accuracy: **{100 * res['base']['accuracy']:.1f}%** "
@@ -507,33 +508,56 @@ def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool, model: str
     run_units(["base"] + [f"sample:{s}" for s in range(sc.sample_shards)], work, sc, model, jobs)
     t1 = time.perf_counter()
     cur = curate(work, sc)
+    write_json(work / "curation.json", cur)
     log(f"curation: kept {cur['kept']} of {cur['samples']} ({100 * cur['accept_rate']:.1f}%)")
     units = [f"train:{m}:{s}" for s in sc.seeds for m in sc.methods]
     log(f"phase 2: {len(units)} fine-tunes + evaluations, {jobs} workers")
     run_units(units, work, sc, model, jobs)
     t2 = time.perf_counter()
+    phases = {"baseline+sampling": t1 - t0, "fine-tunes+evals": t2 - t1}
+    res = collect(sc, work, results, stem, quick, model, jobs, phases)
+    res["wall_s"] = time.perf_counter() - t0
+    write_results(res, results, stem)
+    log(f"done in {res['wall_s'] / 60:.1f} min (this invocation): {results / stem}.{{json,md,png}}")
+    return res
+
+
+def collect(sc: Scale, work: Path, results: Path, stem: str, quick: bool, model: str, jobs: int,
+            phases: dict | None = None) -> dict:
+    """The result of the finished units (all of them after a run; `--partial`: so far)."""
+    from bench.repro.curated.run import environment, pinned_numerics
+
     load = lambda n: json.loads(unit_file(work, n).read_text())  # noqa: E731
+    first = ["base"] + [f"sample:{s}" for s in range(sc.sample_shards)]
+    units = [f"train:{m}:{s}" for s in sc.seeds for m in sc.methods]
+    done = [n for n in units if unit_file(work, n).exists()]
     runs = {}
-    for n in units:
+    for n in done:
         r = load(n)
         runs.setdefault(str(r["seed"]), {})[r["method"]] = r
     with pinned_numerics():
         env = environment()
-    res = {"quick": quick, "scale": dataclasses.asdict(sc), "model": model, "jobs": jobs,
-           "environment": env, "methods": list(sc.methods), "seeds": list(sc.seeds),
+    cur_file = work / "curation.json"
+    cur = json.loads(cur_file.read_text()) if cur_file.exists() else curate(work, sc)
+    res = {"quick": quick, "partial": len(done) < len(units),
+           "units_done": f"{len(done)} of {len(units)} fine-tunes",
+           "scale": dataclasses.asdict(sc), "model": model, "jobs": jobs,
+           "environment": env, "methods": list(sc.methods),
+           "seeds": [s for s in sc.seeds if str(s) in runs],
            "method_args": {m: METHODS[m] for m in sc.methods},
            "base": load("base"), "curation": cur, "runs": runs,
-           "unit_wall_s": {n: load(n)["unit_wall_s"] for n in
-                           ["base"] + [f"sample:{s}" for s in range(sc.sample_shards)] + units},
-           "phase_wall_s": {"baseline+sampling": t1 - t0, "fine-tunes+evals": t2 - t1}}
-    res["wall_s"] = time.perf_counter() - t0
+           "unit_wall_s": {n: load(n)["unit_wall_s"] for n in first + done},
+           "phase_wall_s": phases or {},
+           "wall_s": sum(load(n)["unit_wall_s"] for n in first + done) / max(1, jobs)}
     res["summary"] = summarize(res)
+    return res
+
+
+def write_results(res: dict, results: Path, stem: str) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, results / f"{stem}.md")
     plot(res, results / f"{stem}.png")
-    log(f"done in {res['wall_s'] / 60:.1f} min (this invocation): {results / stem}.{{json,md,png}}")
-    return res
 
 
 def default_model() -> str:
@@ -554,6 +578,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--stem", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--partial", action="store_true",
+                    help="write the result files from the units finished so far (run nothing)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scale-json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--units", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -571,6 +597,11 @@ def main(argv=None) -> int:
         sc.seeds = tuple(a.seeds)
     stem = a.stem or ("repro-smollm2-rft-quick" if a.quick else "repro-smollm2-rft")
     work = Path(a.workdir or ROOT / "outputs" / ("smollm2-rft-quick" if a.quick else "smollm2-rft"))
+    if a.partial:
+        res = collect(sc, work, Path(a.results), stem, a.quick, model, a.jobs)
+        write_results(res, Path(a.results), stem)
+        log(f"{res['units_done']} done: {Path(a.results) / stem}.{{json,md,png}}")
+        return 0
     run(sc, work, Path(a.results), stem, a.quick, model, a.jobs)
     return 0
 
