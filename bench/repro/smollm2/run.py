@@ -369,7 +369,13 @@ def summarize(res: dict) -> dict:
         d = [r["accuracy"] - s["accuracy"] for r, s in zip(runs, sft) if s is not None]
         ws = [weight_summary(r["series"]) for r in runs]
         agg = {k: mean_sd([w[k] for w in ws]) for k in ws[0]}
+        pairs = [a - b for r, s in zip(runs, sft) if s is not None
+                 for a, b in zip(r["correct"], s["correct"])]
         out[m] = {"accuracy": mean_sd([r["accuracy"] for r in runs]),
+                  # Δ vs SFT over all (seed, problem) pairs: mean and its standard error
+                  "delta_vs_sft_pooled": (statistics.fmean(pairs), statistics.stdev(pairs)
+                                          / len(pairs) ** 0.5) if len(pairs) > 1 and m != "SFT"
+                  else None,
                   "per_seed": [r["accuracy"] for r in runs],
                   "delta_vs_base": mean_sd([r["accuracy"] - base for r in runs]),
                   "delta_vs_sft": mean_sd(d) if m != "SFT" else None,
@@ -415,13 +421,14 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{sc['n_curated']} of them: "
          + ", ".join(f"seed {s}: {v['n']} examples / {v['distinct_problems']} problems"
                      for s, v in cur["per_seed"].items()) + ".", "",
-         "| method | greedy test acc. | per seed | Δ vs start | Δ vs SFT (paired) | addition | "
+         "| method | greedy test acc. | per seed | Δ vs start | Δ vs SFT (per seed) | "
+         "Δ vs SFT (pooled pairs, ± se) | addition | "
          "subtraction | format | train NLL first → last | log-ratio, mean over steps | "
          "log-ratio, last step | weight mean (avg) | weight max | ESS fraction avg / min | "
          "clipped high / low (avg) |",
-         "|" + "---|" * 15]
+         "|" + "---|" * 16]
     L.append(f"| start (q) | {100 * res['base']['accuracy']:.1f} | - | - | - | "
-             f"{100 * res['base']['accuracy_by_op']['+']:.1f} | "
+             f"- | {100 * res['base']['accuracy_by_op']['+']:.1f} | "
              f"{100 * res['base']['accuracy_by_op']['-']:.1f} | {100 * res['base']['format']:.1f}"
              " | - | - | - | - | - | - | - |")
     for m, r in S.items():
@@ -430,6 +437,7 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(
             f"| {m} | {pct(r['accuracy'])} | {' / '.join(f'{100 * x:.1f}' for x in r['per_seed'])}"
             f" | {pct(r['delta_vs_base'], True)} | {'-' if sft else pct(r['delta_vs_sft'], True)}"
+            f" | {'-' if sft or r['delta_vs_sft_pooled'] is None else pct(r['delta_vs_sft_pooled'], True)}"
             f" | {pct(r['acc_add'])} | {pct(r['acc_sub'])} | {pct(r['format'])} | "
             f"{num(w['train_nll_first'])} → {num(w['train_nll_last'])} | "
             + (" | ".join(["-"] * 6) if sft else
@@ -442,6 +450,10 @@ def write_markdown(res: dict, path: Path) -> None:
           "the trainer's per-step metrics.jsonl (sequence mode: over sequences; token modes: over "
           "target tokens), averaged over all optimizer steps then over seeds; the log-ratio is "
           "log p_θ - log q_ref (DFT: log p_θ, since its reference is 0).", "",
+          "Δ vs SFT (per seed): mean ± sd over seeds of the paired difference (same curated "
+          "set, same test problems). Pooled pairs: the difference over all seed x problem pairs, "
+          "± its standard error.", "",
+          f"Timing (s): {json.dumps(res.get('timing'))}", "",
           "Wall time per unit (s): " + ", ".join(f"{k}: {v:.0f}" for k, v in
                                                  res["unit_wall_s"].items()), ""]
     L.append("Sample kept answers: " + " | ".join(f"`{x}`" for x in cur["kept_examples"][:4]))
@@ -514,16 +526,17 @@ def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool, model: str
     log(f"phase 2: {len(units)} fine-tunes + evaluations, {jobs} workers")
     run_units(units, work, sc, model, jobs)
     t2 = time.perf_counter()
-    phases = {"baseline+sampling": t1 - t0, "fine-tunes+evals": t2 - t1}
-    res = collect(sc, work, results, stem, quick, model, jobs, phases)
-    res["wall_s"] = time.perf_counter() - t0
+    timing = {"baseline+sampling": t1 - t0, "fine-tunes+evals": t2 - t1, "wall_s": t2 - t0}
+    if all(unit_file(work, n).exists() for n in units) and t2 - t0 > 60:
+        write_json(work / "timing.json", timing)  # a run that did the work (not a re-report)
+    res = collect(sc, work, results, stem, quick, model, jobs)
     write_results(res, results, stem)
     log(f"done in {res['wall_s'] / 60:.1f} min (this invocation): {results / stem}.{{json,md,png}}")
     return res
 
 
-def collect(sc: Scale, work: Path, results: Path, stem: str, quick: bool, model: str, jobs: int,
-            phases: dict | None = None) -> dict:
+def collect(sc: Scale, work: Path, results: Path, stem: str, quick: bool, model: str,
+            jobs: int) -> dict:
     """The result of the finished units (all of them after a run; `--partial`: so far)."""
     from bench.repro.curated.run import environment, pinned_numerics
 
@@ -547,8 +560,11 @@ def collect(sc: Scale, work: Path, results: Path, stem: str, quick: bool, model:
            "method_args": {m: METHODS[m] for m in sc.methods},
            "base": load("base"), "curation": cur, "runs": runs,
            "unit_wall_s": {n: load(n)["unit_wall_s"] for n in first + done},
-           "phase_wall_s": phases or {},
-           "wall_s": sum(load(n)["unit_wall_s"] for n in first + done) / max(1, jobs)}
+           "timing": json.loads((work / "timing.json").read_text())
+           if (work / "timing.json").exists() else None}
+    # wall time of the run that did the work; else (partial) busy time of the units / jobs
+    res["wall_s"] = res["timing"]["wall_s"] if res["timing"] else sum(
+        load(n)["unit_wall_s"] for n in first + done) / max(1, jobs)
     res["summary"] = summarize(res)
     return res
 
