@@ -65,7 +65,12 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 from packaging.version import Version
 
 from ..config import IWConfig
-from ..trainer.refcache import RefCacheMismatch, compute_ref_logprobs
+from ..trainer.refcache import (  # noqa: F401 - weights_digest, strided_indices: public here
+    RefCacheMismatch,
+    compute_ref_logprobs,
+    strided_indices,
+    weights_digest,
+)
 from .causal_lm import apply_iwsft_to_model, check_model, sequence_starts
 
 TRL_MIN, TRL_BELOW = "1.14.2", "1.17.0"  # the tested range; [trl] extra in pyproject.toml
@@ -214,26 +219,6 @@ class IWDataCollator:
 # ---------------------------------------------------------------------------- fingerprints
 def _sha(s: str | bytes) -> str:
     return hashlib.sha256(s.encode() if isinstance(s, str) else s).hexdigest()[:16]
-
-
-def weights_digest(model: torch.nn.Module, skip: tuple[str, ...] = ("lora_",)) -> str:
-    """A cheap identity of a model's weights: per parameter its name, shape, dtype and up to 4096
-    evenly strided values (exact bytes). Parameters whose name contains a `skip` string (fresh
-    adapters) are left out."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if any(s in name for s in skip):
-                continue
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            flat = p.detach().reshape(-1)
-            if flat.numel() == 0:
-                continue
-            if flat.numel() > 4096:
-                idx = torch.linspace(0, flat.numel() - 1, 4096, device=flat.device).long()
-                flat = flat[idx]
-            h.update(flat.float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def model_identity(model: torch.nn.Module, name: str | None) -> str:

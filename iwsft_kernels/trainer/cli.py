@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
 
 from .config import parse_config
@@ -53,6 +54,23 @@ def _missing_module_message(e: ModuleNotFoundError) -> str:
     return f"a module the trainer needs is not installed: {top or e}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `kill` send) raised as an interrupt, so that it ends the run
+    the way Ctrl-C does: the message with where the run stands and how to resume it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _handle_sigterm() -> None:
+    """SIGTERM -> Terminated in the main thread (not possible from other threads: skipped)."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread of the main interpreter
+        pass
+
+
 class _TiedWeightsNote(logging.Filter):
     """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" line, logged
     at every checkpoint of a model with tied embeddings (the tie is restored on load; resume is
@@ -80,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return _err(str(e))
     if action == "done":
         return 0
+    _handle_sigterm()
     try:
         from .loop import train  # imports transformers
 
@@ -87,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except ModuleNotFoundError as e:
         return _err(_missing_module_message(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
         if main_process:
-            print(f"\niwsft-train: {interrupted_message(cfg.output_dir)}", file=sys.stderr)
-        return 130
+            how = "terminated (SIGTERM)" if term else "interrupted"
+            print(f"\niwsft-train: {how}: {interrupted_message(cfg.output_dir)}",
+                  file=sys.stderr)
+        return 143 if term else 130  # the shell's codes for SIGTERM / SIGINT
     except (DataError, RefCacheMismatch, RunDirError, ValueError) as e:  # ModelLoadError too
         return _err(str(e))
     return 0

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,6 +267,10 @@ def _default_text(f) -> str:
         f.default, bool) else str(f.default)
 
 
+# other spellings of a flag that users type (transformers / TRL name it so)
+FLAG_ALIASES = {"lr": ("--learning-rate",)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iwsft-train",
@@ -278,21 +283,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        flags = (flag, *FLAG_ALIASES.get(f.name, ()))
         typ = f.type if isinstance(f.type, str) else str(f.type)
         text = HELP.get(f.name, f.name.replace("_", " "))  # a field without help text still works
         if "default:" not in text:
             text += f" (default: {_default_text(f)})"
         if typ.startswith("bool"):
-            p.add_argument(flag, type=_flag_type(f.name, typ), nargs="?", const=True,
+            p.add_argument(*flags, dest=f.name, type=_flag_type(f.name, typ), nargs="?", const=True,
                            default=None, metavar="BOOL", help=text)
         elif f.name in CHOICES:
-            p.add_argument(flag, type=_flag_type(f.name, typ), default=None,
+            p.add_argument(*flags, dest=f.name, type=_flag_type(f.name, typ), default=None,
                            metavar="{" + ",".join(CHOICES[f.name]) + "}", help=text)
         else:
             metavar = {"int": "N", "float": "X"}.get(typ.split(" ")[0], None)
-            p.add_argument(flag, type=_flag_type(f.name, typ), default=None, metavar=metavar,
+            p.add_argument(*flags, dest=f.name, type=_flag_type(f.name, typ), default=None, metavar=metavar,
                            help=text)
     return p
+
+
+def _usage_error(msg: str) -> SystemExit:
+    """Print one error line and return the SystemExit(2) to raise (docs/trainer.md: bad options
+    and config files exit with status 2, like argparse's own errors)."""
+    print(f"iwsft-train: error: {msg}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -304,7 +317,7 @@ def parse_config(argv=None) -> TrainConfig:
     if args.get("config"):
         path = Path(args["config"])
         if not path.is_file():
-            raise SystemExit(f"iwsft-train: error: config file not found: {path}")
+            raise _usage_error(f"config file not found: {path}")
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):
@@ -314,23 +327,23 @@ def parse_config(argv=None) -> TrainConfig:
             else:
                 values = json.loads(text)
         except Exception as e:  # noqa: BLE001 — yaml/json syntax errors
-            raise SystemExit(f"iwsft-train: error: cannot parse {path}: {e}") from None
+            raise _usage_error(f"cannot parse {path}: {e}") from None
         if not isinstance(values, dict):
-            raise SystemExit(f"iwsft-train: error: {path} must hold a mapping of option: value")
+            raise _usage_error(f"{path} must hold a mapping of option: value")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"iwsft-train: error: unknown keys in {path}: {unknown}")
+            raise _usage_error(f"unknown keys in {path}: {unknown}")
         try:
             values = validate(values, source=str(path))
         except ConfigError as e:
-            raise SystemExit(f"iwsft-train: error: {e}") from None
+            raise _usage_error(f"{e}") from None
     values.update(args)
     cfg = TrainConfig(**values)
     try:
         check_config(cfg)
     except ConfigError as e:
-        raise SystemExit(f"iwsft-train: error: {e}") from None
+        raise _usage_error(f"{e}") from None
     return cfg
 
 

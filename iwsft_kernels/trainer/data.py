@@ -137,15 +137,30 @@ def json_problem(path: Path) -> str | None:
     return None
 
 
+def _text(value, what: str) -> str:
+    """A message text must be a string: a missing or null value would reach the chat
+    template as `undefined` (a 20-line jinja2 traceback) or be rendered as "None"."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is {'missing or null' if value is None else type(value).__name__}"
+                        f", expected a string")
+    return value
+
+
 def to_messages(row: dict, schema: str, trace_source: str) -> list[dict]:
     if schema == "messages":
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise TypeError("`messages` must be a non-empty list of {role, content}")
+        return [{"role": _text(m.get("role"), f"messages[{k}].role"),
+                 "content": _text(m.get("content"), f"messages[{k}].content")}
+                for k, m in enumerate(msgs)]
     if schema == "pair":
-        return [{"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": row["response"]}]
-    traj = row[f"{trace_source}_thinking_trajectory"]
-    attempt = row[f"{trace_source}_attempt"]
-    return [{"role": "user", "content": row["question"]},
+        return [{"role": "user", "content": _text(row.get("prompt"), "`prompt`")},
+                {"role": "assistant", "content": _text(row.get("response"), "`response`")}]
+    traj = _text(row.get(f"{trace_source}_thinking_trajectory"),
+                 f"`{trace_source}_thinking_trajectory`")
+    attempt = _text(row.get(f"{trace_source}_attempt"), f"`{trace_source}_attempt`")
+    return [{"role": "user", "content": _text(row.get("question"), "`question`")},
             {"role": "assistant", "content": f"<think>\n{traj}\n</think>\n\n{attempt}"}]
 
 
@@ -201,13 +216,19 @@ def tokenize_messages(tokenizer, messages: list[dict], max_length: int):
 
 def tokenize_dataset(ds, tokenizer, *, max_length: int, trace_source: str = "deepseek",
                      quality_column: str = "quality", max_examples: int | None = None,
-                     need_quality: bool = False) -> TokenizedData:
+                     need_quality: bool = False, source: str | None = None) -> TokenizedData:
     if len(ds) == 0:
         raise DataError("the dataset is empty")
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat template")
+        raise DataError("the tokenizer has no chat template (base models often have none), and "
+                        "the trainer needs one to find the assistant part of each example: "
+                        "pass --tokenizer with a chat/instruct model's tokenizer, or add a "
+                        "chat template to the tokenizer folder (chat_template.jinja, or "
+                        "`chat_template` in tokenizer_config.json)")
     schema = detect_schema(ds.column_names, trace_source)
-    has_q = quality_column in ds.column_names
+    # the quality column is read (and checked) only when the run uses it: sampling by quality
+    # or weighting by it; otherwise every example has quality 1
+    has_q = need_quality and quality_column in ds.column_names
     if need_quality and not has_q:
         raise DataError(f"quality sampling/weighting needs a {quality_column!r} column; found "
                         f"{sorted(ds.column_names)}")
@@ -218,7 +239,8 @@ def tokenize_dataset(ds, tokenizer, *, max_length: int, trace_source: str = "dee
         if bad.any():
             rows = bad.nonzero().squeeze(1)[:5].tolist()
             raise DataError(f"column {quality_column!r} must be finite and >= 0; bad rows "
-                            f"{rows} (values {[q[i].item() for i in rows]})")
+                            f"{rows} (values {[q[i].item() for i in rows]}); it is used because "
+                            f"of --sampling quality / --quality-weight")
     n_rows = len(ds) if max_examples is None else min(len(ds), max_examples)
     out = TokenizedData([], n_rows)
     for i in range(n_rows):
@@ -226,7 +248,8 @@ def tokenize_dataset(ds, tokenizer, *, max_length: int, trace_source: str = "dee
         try:
             messages = to_messages(row, schema, trace_source)
         except (KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"row {i} (counting from 0): cannot read it as {schema!r} data "
+            where = f"{source}: " if source else ""
+            raise DataError(f"{where}row {i} (counting from 0): cannot read it as {schema!r} data "
                             f"({type(e).__name__}: {e}); its values: {_short(row)}") from e
         ids, labels, truncated = tokenize_messages(tokenizer, messages, max_length)
         out.n_truncated += truncated

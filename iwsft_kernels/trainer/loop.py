@@ -54,10 +54,26 @@ def check_model_name(name: str | None, what: str = "model") -> None:
             raise ModelLoadError(f"{what} path does not exist: {name}")
 
 
+MODEL_FOLDER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                      "vocab.json")
+
+
+def check_model_folder(name: str, what: str) -> None:
+    """A local folder that holds no model or tokenizer files gets a message that says so
+    (transformers' own error blames a missing sentencepiece / tiktoken)."""
+    p = Path(name).expanduser()
+    if p.is_dir() and not any((p / f).is_file() for f in MODEL_FOLDER_FILES):
+        found = sorted(x.name for x in p.iterdir())[:8]
+        raise ModelLoadError(f"{what} folder {name} holds no model or tokenizer files (expected "
+                             f"one of {', '.join(MODEL_FOLDER_FILES)}; found {found or 'nothing'}):"
+                             f" pass a folder written by save_pretrained, or a hub name")
+
+
 def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or (str(ASSETS / "tokenizer") if cfg.model == DEFAULT_MODEL else cfg.model)
+    check_model_folder(name, "tokenizer" if cfg.tokenizer else "model")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
@@ -78,13 +94,14 @@ def load_model(name: str, cfg: TrainConfig):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
         return model, model_identity(DEFAULT_MODEL, config, seed=cfg.seed)
     check_model_name(name)
+    check_model_folder(name, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
                                                      attn_implementation=attn)
     except Exception as e:
         raise ModelLoadError(f"cannot load model {name!r} (not a local model directory, and "
                              f"not loadable from the hub: {type(e).__name__}: {e})") from e
-    return model, model_identity(name, model.config)
+    return model, model_identity(name, model.config, model=model)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -218,7 +235,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"sampling must be 'uniform' or 'quality', got {cfg.sampling!r}")
     data = tokenize_dataset(load_records(source, cfg.data_split), tok, max_length=cfg.max_length,
                             trace_source=cfg.trace_source, quality_column=cfg.quality_column,
-                            max_examples=cfg.max_examples, need_quality=need_q)
+                            max_examples=cfg.max_examples, need_quality=need_q, source=source)
     say(f"data: {source}: {data.report()}")
     examples = data.examples
     lengths = [len(ex.input_ids) for ex in examples]

@@ -221,10 +221,10 @@ def prepare(cfg, main_process: bool = True, say=print) -> str:
 
 
 def interrupted_message(out_dir: str | Path) -> str:
-    """What to tell the user after Ctrl-C."""
+    """What to tell the user after Ctrl-C or SIGTERM (the caller says which happened)."""
     st = inspect(out_dir)
     if st.checkpoint is not None:
-        return (f"interrupted; {Path(out_dir)} holds {st.describe()}. Rerun the same command "
+        return (f"{Path(out_dir)} holds {st.describe()}. Rerun the same command "
                 f"with --resume to continue from step {st.checkpoint_step}.")
-    return (f"interrupted before the first checkpoint ({st.describe()}). Rerun the same "
+    return (f"stopped before the first checkpoint ({st.describe()}). Rerun the same "
             f"command with --resume (reuses the cached reference log-probs) or --overwrite.")

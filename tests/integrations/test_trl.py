@@ -450,3 +450,7 @@ def test_example_script_runs(tmp_path):
     assert abs(first["iw/log_ratio_mean"]) < 1e-4
     assert 0.1 < first["iw/weight_mean"] < 1.0 and first["iw/weight_max"] <= 0.9 + 1e-6
     assert 11.0 < first["iw/nll"] < 13.0  # ~ log(151936) = 11.93 for the random model
+    # the trained model is saved and loads like any checkpoint
+    saved = transformers.AutoModelForCausalLM.from_pretrained(res["saved"])
+    assert saved.config.vocab_size == 151936
+    assert transformers.AutoTokenizer.from_pretrained(res["saved"]).chat_template

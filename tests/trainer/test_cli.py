@@ -32,9 +32,11 @@ def _parse_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         parse_config(argv)
     err = capsys.readouterr().err
-    if e.value.code == 2:  # argparse: usage + "error: ..."
-        return err
-    return str(e.value.code)  # our own SystemExit("iwsft-train: error: ...")
+    # every bad option, option combination or config file exits 2 (docs/trainer.md), with
+    # argparse's usage + error or our own one line
+    assert e.value.code == 2, (e.value.code, err)
+    assert "iwsft-train: error:" in err
+    return err
 
 
 # ------------------------------------------------------------------- option validation
@@ -83,6 +85,23 @@ def test_boolean_flags(name, capsys):
 ])
 def test_numbers_and_combinations_checked(argv, words, capsys):
     assert words in _parse_error(argv, capsys)
+
+
+def test_missing_config_file_and_learning_rate_alias(tmp_path, capsys):
+    err = _parse_error(["--config", str(tmp_path / "nope.yaml")], capsys)
+    assert "config file not found" in err and len(err.strip().splitlines()) == 1
+    assert parse_config(["--learning-rate", "3e-4"]).lr == 3e-4
+    assert "--lr/--learning-rate: must be > 0" in _parse_error(["--learning-rate", "0"], capsys)
+
+
+def test_a_folder_that_is_not_a_model_says_so(tmp_path, capsys):
+    junk = tmp_path / "notamodel"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("hi")
+    rc = cli.main(SMALL + ["--model", str(junk), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds no model or tokenizer files" in err and "readme.txt" in err
+    assert "sentencepiece" not in err and "Traceback" not in err
 
 
 def test_config_file_values_are_validated_too(tmp_path, capsys):
@@ -360,6 +379,24 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch, fresh_accelera
                              "--output-dir", str(out)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume to continue from step 1" in err
+    assert "Traceback" not in err
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    """What a scheduler sends: the run ends with the resume message and exit 143."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "iwsft_kernels.trainer.cli", *SMALL,
+                             "--mode", "sft", "--max-steps", "400", "--save-every", "1",
+                             "--output-dir", str(out)], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step-*")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "--resume to continue from step" in err
     assert "Traceback" not in err
 
 

@@ -26,12 +26,13 @@ def test_flags_and_iw_options():
     assert cfg.micro_batch_size == 3 and cfg.quality_weight is True
 
 
-def test_recipe_file_with_override(tmp_path):
+def test_recipe_file_with_override(tmp_path, capsys):
     cfg = parse_config(["--config", str(RECIPE), "--epochs", "1"])
     assert cfg.model == "Qwen/Qwen2.5-32B-Instruct" and cfg.data == "simplescaling/s1K-1.1"
     assert (cfg.lr, cfg.epochs, cfg.warmup_ratio, cfg.weight_decay) == (1e-5, 1, 0.05, 1e-4)
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.gradient_checkpointing) == (0.9, 0.95, True)
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1.0\n")
-    with pytest.raises(SystemExit, match="unknown keys"):
+    with pytest.raises(SystemExit) as e:
         parse_config(["--config", str(bad)])
+    assert e.value.code == 2 and "unknown keys" in capsys.readouterr().err

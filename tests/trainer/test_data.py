@@ -83,7 +83,8 @@ def test_bad_inputs_are_clear_errors(tok, tmp_path):
     with pytest.raises(DataError, match="empty"):
         tokenize_dataset(ds([s1k_row()]).select([]), tok, max_length=64)
     with pytest.raises(DataError, match="quality.*>= 0"):
-        tokenize_dataset(ds([s1k_row(0, 1.0), s1k_row(1, -0.5)]), tok, max_length=64)
+        tokenize_dataset(ds([s1k_row(0, 1.0), s1k_row(1, -0.5)]), tok, max_length=64,
+                         need_quality=True)
     with pytest.raises(DataError, match="needs a 'quality' column"):
         tokenize_dataset(ds([{"prompt": "a", "response": "b"}]), tok, max_length=64,
                          need_quality=True)
@@ -115,3 +116,41 @@ def test_collate_padded_and_packed(tok):
     assert b["attention_mask"].sum().item() == sum(len(e.input_ids) for e in exs)
     p = collate(exs, tok.pad_token_id, packing=True)
     assert p["input_ids"].shape[0] == 1 and (p["position_ids"] == 0).sum().item() == 3
+
+
+@pytest.mark.parametrize("row, what", [
+    ({"prompt": "a", "response": None}, "`response` is missing or null"),
+    ({"prompt": "a", "response": 3}, "`response` is int"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]},
+     r"messages\[1\].content is missing or null"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+     r"messages\[1\].content is missing or null"),
+])
+def test_null_or_missing_text_is_a_one_line_row_error(tok, tmp_path, row, what):
+    path = tmp_path / "d.jsonl"
+    good = {"prompt": "q", "response": "r"} if "prompt" in row else {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=f"{path}: row 1 .*{what}") as e:
+        tokenize_dataset(load_records(str(path)), tok, max_length=64, source=str(path))
+    assert "\n" not in str(e.value) and "jinja" not in str(e.value).lower()
+
+
+def test_quality_column_is_checked_only_when_used(tok):
+    rows = [{"prompt": "a", "response": "b", "quality": -1.0},
+            {"prompt": "c", "response": "d", "quality": 2.0}]
+    out = tokenize_dataset(ds(rows), tok, max_length=64)  # not used: no error, quality 1
+    assert [ex.quality for ex in out.examples] == [1.0, 1.0]
+    with pytest.raises(DataError, match="quality.*>= 0.*--sampling quality / --quality-weight"):
+        tokenize_dataset(ds(rows), tok, max_length=64, need_quality=True)
+    ok = tokenize_dataset(ds(rows[1:]), tok, max_length=64, need_quality=True)
+    assert [ex.quality for ex in ok.examples] == [2.0]
+
+
+def test_tokenizer_without_chat_template_says_what_to_do(tok):
+    import copy
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="no chat template.*--tokenizer"):
+        tokenize_dataset(ds([{"prompt": "a", "response": "b"}]), bare, max_length=64)
