@@ -97,6 +97,16 @@ EXTRA: dict[str, dict] = {
                     window_size=8),
     "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe"]),
     "flint": dict(mlp_only_layers=[0]),
+    "bert-generation": dict(is_decoder=True),
+    "inkling2_text": dict(unpadded_vocab_size=V),
+    "inkling2_loop_text": dict(unpadded_vocab_size=V),
+    "reformer": dict(is_decoder=True, attn_layers=["local", "local"], local_attn_chunk_length=4,
+                     local_num_chunks_before=1, local_num_chunks_after=0, axial_pos_embds=False,
+                     feed_forward_size=48, num_attention_heads=2, attention_head_size=16,
+                     hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+                     lsh_attention_probs_dropout_prob=0.0),
+    "dots3_note": dict(composite=dict(vision_config=dict(adapter_out_dim=32),
+                                      audio_config=dict(adapter_out_dim=32))),
     "dory": dict(num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1, n_output_layers=1,
                  layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
@@ -127,7 +137,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     **{t: _CAP for t in ("gemma2", "gemma3_text", "gemma3n_text", "nanochat", "vaultgemma",
                          "beam", "gemma4_text", "gemma4_unified_text", "inkling2_text",
                          "inkling2_loop_text")},
-    **{t: {"scale": dict(logits_scaling=4.0)} for t in ("granite", "granite_swa", "minicpm3")},
+    **{t: {"scale": dict(logits_scaling=4.0)} for t in ("granite", "granite_swa")},
+    "minicpm3": {"scale": dict(dim_model_base=8)},  # logits_scaling = hidden_size / 8 = 4
     **{t: {"scale": dict(logits_scaling=4.0), "aux": dict(logits_scaling=4.0, **AUX_ON)}
        for t in ("granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared")},
     **{t: {"scale": dict(logit_scale=2.5)} for t in ("cohere", "cohere2", "cohere2_moe",
@@ -137,6 +148,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "inkling_text": {"scale": dict(logits_mup_width_multiplier=3.0)},
     "recurrent_gemma": {"softcap": dict(logits_soft_cap=2.0)},
     "xlstm": {"softcap": dict(output_logit_soft_cap=2.0)},
+    "doge": {"aux": dict(is_moe=True, **AUX_ON)},
 }
 
 
@@ -151,20 +163,30 @@ def _variant_for(mt: str, a) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------ building
+def _has(obj, key: str) -> bool:
+    try:
+        getattr(obj, key)
+    except AttributeError:
+        return False
+    except Exception:  # noqa: BLE001  (a per-layer attribute of a heterogeneous config)
+        return True
+    return True
+
+
 def _shrink(cls, overrides: dict) -> dict:
     try:
         base = cls()
     except Exception:  # noqa: BLE001  (a config without usable defaults)
         base = None
-    kw = {k: v for k, v in GENERIC.items() if base is None or hasattr(base, k)}
+    kw = {k: v for k, v in GENERIC.items() if base is None or _has(base, k)}
     kw["vocab_size"] = V
     kw.update(IDS)
-    if hasattr(base, "qk_rope_head_dim") and "head_dim" in kw:  # MLA: rotary part = head_dim
+    if _has(base, "qk_rope_head_dim") and "head_dim" in kw:  # MLA: rotary part = head_dim
         kw["head_dim"] = kw["qk_rope_head_dim"]
-    if hasattr(base, "kv_lora_rank") and "num_key_value_heads" in kw:  # MLA: a kv head per head
+    if _has(base, "kv_lora_rank") and "num_key_value_heads" in kw:  # MLA: a kv head per head
         kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
     n = kw.get("num_hidden_layers", 2)
-    lt = getattr(base, "layer_types", None)
+    lt = getattr(base, "layer_types", None) if _has(base, "layer_types") else None
     settable = "layer_types" in getattr(cls, "__dataclass_fields__", {}) and \
         "layer_types" not in getattr(cls, "attribute_map", {})
     if settable and isinstance(lt, list) and lt and "layer_types" not in overrides:
@@ -181,13 +203,14 @@ def tiny_config(mt: str, variant: dict | None = None):
     cls = CONFIG_MAPPING[mt]
     over = {**EXTRA.get(mt, {}), **(variant or {})}
     text_over = over.pop("text_config", None)
+    outer = over.pop("composite", {})  # kwargs of a composite config itself
     subs = getattr(cls, "sub_configs", {}) or {}
     if "text_config" in subs:  # composite config: the causal LM is built from the text part
         tcls = subs["text_config"]
         if not isinstance(tcls, type) or not hasattr(tcls, "to_dict"):
             tcls = CONFIG_MAPPING[cls().text_config.model_type]
         text = _shrink(tcls, {**over, **(text_over or {})})
-        return cls(text_config=text, **{k: v for k, v in IDS.items()})
+        return cls(text_config=text, **{**IDS, **outer})
     return cls(**_shrink(cls, over))
 
 
@@ -201,12 +224,16 @@ def _peaked_head(model: torch.nn.Module) -> None:
             w.copy_(torch.randn(w.shape, generator=g) * (3.0 / math.sqrt(w.shape[1])))
 
 
+# types whose backward needs training mode (Reformer's reversible layers); dropout is 0 above
+TRAIN_MODE = {"reformer"}
+
+
 def build(mt: str, variant: dict | None = None) -> torch.nn.Module:
     cfg = tiny_config(mt, variant)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     _peaked_head(model)
-    return model.float().eval()
+    return model.float().train(mt in TRAIN_MODE)
 
 
 def batch(seed: int = 1):
@@ -237,17 +264,35 @@ def truth(model, ids, mask, labels, extra: dict, a, noise: torch.Tensor) -> dict
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # constants made inside forward (masks) in float64
     try:
-        return _truth(m, ids, mask, labels, extra, a, noise)
+        try:
+            return _truth(m, ids, mask, labels, extra, a, noise)
+        except RuntimeError as e:
+            keep32 = getattr(m, "_keep_in_fp32_modules_strict", None) or []
+            if "dtype" not in str(e) or not keep32:
+                raise
+        # parts the model computes in fp32 by design (Inkling2's router casts its input to
+        # fp32): those stay fp32, the rest is float64
+        with torch.no_grad():
+            for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+                if any(k in name for k in keep32) and t.is_floating_point():
+                    t.data = t.data.float()
+        res = _truth(m, ids, mask, labels, extra, a, noise)
+        res["fp32_parts"] = list(keep32)
+        return res
     finally:
         torch.set_default_dtype(dtype)
 
 
 def _truth(m, ids, mask, labels, extra, a, noise):
     m.zero_grad()
-    seen = []
-    hook = m.get_output_embeddings().register_forward_hook(lambda mod, i, o: seen.append(i[0]))
-    out = m(input_ids=ids, attention_mask=mask, **extra)
-    hook.remove()
+    seen = []  # the body's output: what a patch that ignores the output path projects
+    body = arch._get(m, a.body) if a is not None else m.get_output_embeddings()
+    hook = body.register_forward_hook(
+        lambda mod, i, o: seen.append(i[0] if a is None else _hidden_of(o)))
+    try:
+        out = m(input_ids=ids, attention_mask=mask, **extra)
+    finally:
+        hook.remove()
     logits = out.logits.double()
     lp_all = torch.log_softmax(logits[:, :-1], dim=-1)
     tgt = labels[:, 1:]
@@ -256,12 +301,15 @@ def _truth(m, ids, mask, labels, extra, a, noise):
     n = valid.sum()
     aux = getattr(out, "aux_loss", None)
     coef = _aux_coef(m, a) if extra.get("output_router_logits") else 0.0
-    aux_term = coef * aux.double() if coef and aux is not None else torch.zeros((), dtype=torch.float64)
+    aux_term = torch.zeros((), dtype=torch.float64)
+    if coef and aux is not None:
+        aux_term = coef * aux.double()
     ce = -lp.sum() / n
     loss = ce + aux_term
-    # what a patch that ignores the output path would compute: CE(hidden @ W^T + b), no aux
+    # what a patch that ignores the output path would compute: CE(body output @ W^T + b), no aux
     with torch.no_grad():
-        naive_logits = m.get_output_embeddings()(seen[-1]).double()[:, :-1] if seen else None
+        head = arch._get(m, a.head) if a is not None else m.get_output_embeddings()
+        naive_logits = head(seen[-1]).double()[:, :-1] if seen else None
         naive = None
         if naive_logits is not None and naive_logits.shape == logits[:, :-1].shape:
             nl = torch.log_softmax(naive_logits, -1).gather(-1, tgt.clamp(min=0)[..., None])
@@ -287,6 +335,10 @@ def _truth(m, ids, mask, labels, extra, a, noise):
                 seq_weights=w, seq_loss=seq_loss.detach(),
                 own_loss=None if own is None else own.double(), aux=aux_term.detach(),
                 naive=naive)
+
+
+def _hidden_of(out):
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
@@ -334,7 +386,8 @@ def compare(model, extra: dict, a, backend: str = "torch") -> dict:
     res = dict(ok=ok and own_ok, errors=errs, worst_grad=worst, own_loss_err=own_err,
                aux=float(tr["aux"]), loss=float(tr["loss"]),
                naive_err=None if tr["naive"] is None else _rel(tr["naive"], tr["loss"]),
-               seq_weights=[round(float(x), 6) for x in tr["seq_weights"]])
+               seq_weights=[round(float(x), 6) for x in tr["seq_weights"]],
+               fp32_parts=tr.get("fp32_parts", []))
     if not own_ok:
         res["note"] = "the model's own labels= loss differs from the shifted float64 truth"
     return res
@@ -377,6 +430,11 @@ def check_refused_type(mt: str) -> dict:
         res["build_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         return res
     res["built"] = True
+    if kind == arch.LABELS:  # evidence: the model's own loss vs the shifted / unshifted CE
+        try:
+            res.update(_label_convention(model))
+        except Exception as e:  # noqa: BLE001
+            res["convention_error"] = f"{type(e).__name__}: {str(e)[:120]}"
     try:
         apply_iwsft_to_model(model, IWConfig(mode="sft"), backend="torch")
     except UnsupportedModelError as e:
@@ -386,13 +444,25 @@ def check_refused_type(mt: str) -> dict:
     return res
 
 
+def _label_convention(model) -> dict:
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, labels=labels).loss.double()
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    ce = torch.nn.functional.cross_entropy
+    shifted = ce(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    unshifted = ce(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return {"own_vs_shifted": _rel(own, shifted), "own_vs_unshifted": _rel(own, unshifted)}
+
+
 def run(types, timeout_s: int = 120, backend: str = "torch", log=print) -> dict:
     results = {}
     signal.signal(signal.SIGALRM, _alarm)
     table = arch.support_table()
     for mt in types:
         t0 = time.time()
-        signal.alarm(timeout_s)
+        # a refused type is only built to confirm the refusal: less time for its defaults
+        signal.alarm(timeout_s if table[mt][0] == "exact" else min(timeout_s, 60))
         try:
             if table[mt][0] == "exact":
                 r = check_supported_type(mt, backend)
@@ -449,18 +519,34 @@ def write_markdown(results: dict, path: Path, wall: float) -> None:
     for mt, r in sorted(exact.items()):
         a = arch.SUPPORTED[mt]
         what = []
-        tr = {x["transform"] for x in r["runs"].values()}
         if a.transform is not None:
             what.append("logit transform (" + ", ".join(a.reads) + ")")
         if a.aux:
             what.append(f"router aux loss (`{a.aux_coef}`)")
+        if not what:
+            what.append("plain")
+        if a.refuse_if is not None:
+            what.append(f"refused if {a.refuse_if.__doc__.strip()}")
         worst = max(max(x["errors"].values()) for x in r["runs"].values())
-        lines.append(f"| `{mt}` | {cls[mt]} | {', '.join(what) or 'plain'} | {worst:.1e} |")
-        del tr
+        lines.append(f"| `{mt}` | {cls[mt]} | {', '.join(what)} | {worst:.1e} |")
     lines += ["", "## Refused", "",
-              "| model type | class | kind | reason |", "|---|---|---|---|"]
+              "Kinds: **head** (the output head is more than a plain Linear), **labels** (another "
+              "label convention), **loss** (another loss), **multimodal** (image / audio "
+              "wrappers, not verified), **interface** (not a causal-LM training forward, or not "
+              "buildable from a tiny configuration). Check: *refused* = a tiny model was built "
+              "and `apply_iwsft_to_model` raised; for **labels** also the model's own loss "
+              "against the unshifted / shifted cross-entropy of its logits (relative difference).",
+              "",
+              "| model type | class | kind | reason | check |", "|---|---|---|---|---|"]
     for mt, r in sorted(refused.items(), key=lambda x: (x[1]["kind"], x[0])):
-        lines.append(f"| `{mt}` | {cls[mt]} | {r['kind']} | {r['reason']} |")
+        if not r.get("built"):
+            check = "not built here: " + r.get("build_error", "").split(":")[0]
+        else:
+            check = "refused"
+            if "own_vs_unshifted" in r:
+                check += (f"; own loss vs unshifted CE {r['own_vs_unshifted']:.0e}, "
+                          f"vs shifted {r['own_vs_shifted']:.0e}")
+        lines.append(f"| `{mt}` | {cls[mt]} | {r['kind']} | {r['reason']} | {check} |")
     if other:
         lines += ["", "## Failing (a bug: the table claims them)", ""]
         for mt, r in sorted(other.items()):
@@ -483,7 +569,13 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="torch")
     p.add_argument("--out-json", default=str(ROOT / "bench" / "results" / "model_support.json"))
     p.add_argument("--out-md", default=str(ROOT / "docs" / "models.md"))
+    p.add_argument("--md-from-json", action="store_true",
+                   help="only rewrite --out-md from --out-json (no checks)")
     args = p.parse_args(argv)
+    if args.md_from_json:
+        saved = json.loads(Path(args.out_json).read_text())
+        write_markdown(saved["results"], Path(args.out_md), saved["wall_s"])
+        return 0
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     types = [t for t in args.types.split(",") if t] or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

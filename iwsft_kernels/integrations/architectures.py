@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -100,8 +101,7 @@ def _scale_attr(path: str) -> Transform:
 
 
 def _no_head_bias(model) -> str | None:
-    """For types that scale the hidden state before a projection: equal to a logit scale
-    only without a bias."""
+    """the output projection has a bias (the forward scales the hidden state, not the logits)"""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         return "the hidden state is scaled before an output projection with a bias"
@@ -122,6 +122,7 @@ COHERE = Arch(transform=_scale_attr("logit_scale"), reads=("logit_scale",))
 
 
 def _bamba_refuse(model):
+    """z_loss_coefficient > 0 (a z-loss over every position)"""
     c = float(getattr(model, "z_loss_coefficient", 0.0) or 0.0)
     if c > 0:
         return (f"z_loss_coefficient={c}: Bamba adds a z-loss over every position (targets or "
@@ -130,11 +131,13 @@ def _bamba_refuse(model):
 
 
 def _inkling_refuse(model):
+    """unpadded_vocab_size < the projection's rows, or the projection has a bias"""
     cfg = _text_config(model)
     u = getattr(cfg, "unpadded_vocab_size", None)
     if u is not None and u < model.get_output_embeddings().weight.shape[0]:
-        return (f"unpadded_vocab_size={u} < the projection's {model.get_output_embeddings()}"
-                f" rows: the forward drops the padded vocabulary columns")
+        return (f"unpadded_vocab_size={u} < the projection's "
+                f"{model.get_output_embeddings().weight.shape[0]} rows: the forward drops the "
+                f"padded vocabulary columns")
     return _no_head_bias(model)
 
 
@@ -152,15 +155,16 @@ def _add(arch: Arch, *types: str) -> None:
 
 
 _add(DENSE,  # the forward is body -> lm_head -> ForCausalLMLoss
-     "apertus", "apertus1p5_text", "arcee", "cwm", "diffllama", "emu3", "ernie4_5",
+     "apertus", "apertus1p5_text", "arcee", "bitnet", "cwm", "diffllama", "emu3", "ernie4_5",
      "exaone", "exaone4", "gemma", "glm", "glm4", "helium", "hunyuan_v1_dense", "internlm3",
      "iquestcoder", "jais2", "lfm2", "lfm3", "llama", "ministral", "ministral3", "mistral",
      "olmo", "olmo2", "olmo3", "olmo_hybrid", "phi", "phi3", "qwen2", "qwen3", "qwen3_5",
      "qwen3_5_text", "seed_oss", "smollm3", "starcoder2", "youtu", "persimmon", "stablelm",
      "zamba", "zamba2", "nemotron", "nemotron_h", "hrm_text", "hy_v3", "hy_v4", "llama4",
-     "llama4_text", "mllama",
+     "llama4_text", "mllama", "moshi",
      # MoE bodies whose forward returns the router logits but adds no auxiliary loss
-     "aria_text", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "exaone_moe",
+     "aria_text", "axk1", "axk2", "bailing_hybrid", "dots3_note", "dots3_note_text",
+     "kolibri1", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "exaone_moe",
      "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "hunyuan_v1_moe", "kimi_linear", "lfm2_moe",
      "longcat_flash", "mimo_v2_flash", "sarvam_mla", "sarvam_moe", "solar_open", "afmoe",
      "zaya")
@@ -173,6 +177,10 @@ _add(Arch(body="model.decoder"), "opt")
 _add(Arch(body="backbone"), "mamba", "mamba2", "falcon_mamba")
 _add(Arch(body="rwkv", head="head"), "rwkv")
 _add(DENSE, "xglm")
+# the head module wraps a plain Linear (BertGeneration: unused extra bias; Reformer: applied
+# in sequence chunks over the two concatenated reversible streams)
+_add(Arch(body="bert", head="lm_head.decoder"), "bert-generation")
+_add(Arch(body="reformer", head="lm_head.decoder"), "reformer")
 _add(Arch(refuse_if=_bamba_refuse, reads=("z_loss_coefficient",)), "bamba")
 _add(ROUTER, "deepseek_v4", "ernie4_5_moe", "flex_olmo", "flint", "gpt_oss", "jamba", "laguna",
      "lara_mini", "mellum", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe",
@@ -191,12 +199,13 @@ _add(Arch(transform=_scale_config("logits_scaling", divide=False), reads=("logit
      "hyperclovax")
 _add(Arch(transform=_scale_attr("model.lm_head_multiplier"), reads=("lm_head_multiplier",)),
      "falcon_h1")
-_add(Arch(transform=_scale_config("logits_scaling", divide=True), reads=("logits_scaling",),
-          refuse_if=_no_head_bias), "minicpm3")
+_add(Arch(transform=_scale_config("logits_scaling", divide=True),  # hidden_size / dim_model_base
+          reads=("logits_scaling",), refuse_if=_no_head_bias), "minicpm3")
 _add(Arch(transform=_scale_config("logits_mup_width_multiplier", divide=True),
           reads=("logits_mup_width_multiplier", "unpadded_vocab_size"),
           refuse_if=_inkling_refuse), "inkling_text")
-_add(Arch(transform=_softcap("final_logit_softcapping"), reads=("final_logit_softcapping",)),
+_add(Arch(transform=_softcap("final_logit_softcapping"),  # unpadded_vocab_size: the lm_head's
+          reads=("final_logit_softcapping", "unpadded_vocab_size")),  # rows, no slicing
      "inkling2_text", "inkling2_loop_text")
 _add(Arch(transform=_recurrent_gemma_transform, reads=("logits_soft_cap",)), "recurrent_gemma")
 _add(Arch(body="backbone", transform=_softcap("output_logit_soft_cap"),
@@ -207,16 +216,16 @@ _add(Arch(body="backbone", transform=_softcap("output_logit_soft_cap"),
 TEXT_ALIASES = {"emu3_text_model": "emu3", "mllama_text_model": "mllama"}
 
 # refusal reasons, by kind (docs/models.md groups the table by these)
-HEAD = "head"
-LABELS = "labels"
-MULTIMODAL = "multimodal"
-LOSS = "loss"
-INTERFACE = "interface"
+HEAD = "head"  # the output head is more than a plain Linear
+LABELS = "labels"  # another label convention (no shift, or its own shift)
+LOSS = "loss"  # another loss (several heads / streams, extra terms)
+MULTIMODAL = "multimodal"  # an image / audio wrapper (not verified)
+INTERFACE = "interface"  # not a causal-LM training forward, or not buildable tiny
 
 _BERT_HEAD = ("the output head has layers before the vocabulary projection (dense + activation "
               "+ layer norm), which the fused loss does not run")
-_UNSHIFTED = ("labels are not shifted: the forward scores logits[t] against labels[t] (an "
-              "encoder-decoder decoder used as a causal LM); the patch shifts")
+_UNSHIFTED = ("labels are not shifted: the forward scores logits[t] against labels[t] (the "
+              "decoder of an encoder-decoder model used as a causal LM); the patch shifts")
 _MM = ("multimodal wrapper (image/audio inputs change the hidden states and the body call); "
        "the text-only causal-LM type of the family is what the table verifies")
 
@@ -231,32 +240,32 @@ def _refuse(kind: str, reason: str, *types: str) -> None:
 
 _refuse(HEAD, _BERT_HEAD, "bert", "big_bird", "camembert", "data2vec-text", "ernie",
         "megatron-bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer",
-        "xlm-roberta", "xlm-roberta-xl", "xmod", "bert-generation")
+        "xlm-roberta", "xlm-roberta-xl", "xmod")
 _refuse(HEAD, "the generator head has a dense + activation + layer norm before the projection, "
         "whose input size differs from the hidden size", "electra")
 _refuse(HEAD, "the lm_head multiplies the logits by a learned per-token scale (a parameter of the "
         "head, which needs its own gradient)", "dory")
-_refuse(HEAD, "the forward runs a second module (`decoder`) on the lm_head output",
-        "modernbert-decoder")
-_refuse(HEAD, "the prediction layer is XLMPredLayer (optionally an adaptive softmax), not a "
-        "Linear", "xlm")
-_refuse(HEAD, "the LM head chunks and concatenates the two reversible streams before the "
-        "projection", "reformer")
+_refuse(HEAD, "the `lm_head` is a dense + activation + norm block; the vocabulary projection "
+        "(`decoder`) runs on its output", "modernbert-decoder")
 _refuse(LABELS, _UNSHIFTED, "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small",
-        "marian", "mbart", "pegasus", "plbart", "mvp", "trocr", "whisper", "cpmant")
+        "marian", "mbart", "pegasus", "plbart", "mvp", "trocr", "whisper")
+_refuse(LABELS, "labels are not shifted: the forward scores logits[t] against labels[t]; the "
+        "patch shifts", "cpmant")
+_refuse(LABELS, "the prediction layer (XLMPredLayer) scores logits[t] against labels[t] (no "
+        "shift), or is an adaptive softmax (asm=True)", "xlm")
 _refuse(LABELS, "permutation LM: the forward scores logits[t] against labels[t] (no shift)",
         "xlnet")
 _refuse(LABELS, "the loss skips the image tokens in front of the text (its own shift)", "git")
-_refuse(LABELS, "n-gram prediction streams with their own loss (ProphetNet._compute_loss)",
+_refuse(LOSS, "n-gram prediction streams with their own loss (ProphetNet._compute_loss)",
         "prophetnet")
-_refuse(LABELS, "one head per audio codebook; the loss averages the codebooks and masks the "
+_refuse(LOSS, "one head per audio codebook; the loss averages the codebooks and masks the "
         "pad token", "musicgen", "musicgen_melody")
 _refuse(MULTIMODAL, _MM, "gemma3", "gemma3n", "gemma4", "gemma4_unified", "got_ocr2", "fuyu",
-        "phi4_multimodal", "moss_transcribe_diarize", "moshi")
+        "phi4_multimodal", "moss_transcribe_diarize")
 _refuse(INTERFACE, "a draft model for assisted decoding: the forward needs the target model's "
         "shared KV states and returns no loss", "gemma4_assistant", "gemma4_unified_assistant")
-_refuse(INTERFACE, "byte-level model with patch entropy: the body needs a patcher and hash "
-        "embeddings (not verified)", "blt")
+_refuse(INTERFACE, "not verified: the byte-level latent transformer's body (entropy patcher, "
+        "local encoder / decoder, hash embeddings) was not built from a tiny configuration", "blt")
 
 # config keys that change the logits (after the body) in some transformers model; a set one
 # that the type's entry does not read is refused
@@ -335,8 +344,24 @@ def _fail(model: nn.Module, mt, reason: str):
         f"docs/models.md for the verified model types.")
 
 
+_warned_version = []
+
+
+def _version_warning() -> None:
+    import transformers
+
+    v = transformers.__version__
+    if v != VERIFIED_TRANSFORMERS and not _warned_version:
+        _warned_version.append(v)
+        warnings.warn(f"iw-SFT patch: the table of exact model types was verified against "
+                      f"transformers {VERIFIED_TRANSFORMERS}, this is {v}; rerun "
+                      f"scripts/model_support.py to check the model types you use",
+                      stacklevel=3)
+
+
 def resolve(model: nn.Module) -> Plan:
     """The plan for `model`, or UnsupportedModelError naming the model type and the reason."""
+    _version_warning()
     mt = model_type_of(model)
     if mt is None:
         _fail(model, mt, "it has no transformers config with a model_type")

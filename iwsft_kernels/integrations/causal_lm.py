@@ -156,8 +156,8 @@ _OUR_KWARGS = ("ref_logprobs", "quality", "cu_seqlens", "iw_config", "num_items_
 
 
 def _named_inputs(self: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Positional arguments named after the model's own forward signature (the body's
-    positional order can differ: GPT-2's is (input_ids, cache, attention_mask, ...))."""
+    """Positional arguments named after the model's own forward signature: the body is called
+    with keywords only (its positional order can differ from the model's)."""
     if not args:
         return kwargs
     names = [p.name for p in inspect.signature(self._iwsft_orig_forward).parameters.values()

@@ -201,7 +201,8 @@ def test_table_covers_every_causal_lm_type():
 
 def test_old_names_and_packed_moe_aux(ms):
     """apply_iwsft_to_qwen2 / _llama still work; a packed MoE batch (no attention mask) adds
-    the aux loss over all tokens, as the model's forward does."""
+    the aux loss over all tokens, as the model's forward does in training (use_cache=False:
+    with a cache transformers does not treat restarting position_ids as packed sequences)."""
     from iwsft_kernels.integrations import apply_iwsft_to_llama, apply_iwsft_to_qwen2
 
     apply_iwsft_to_llama(ms.build("llama"))
@@ -215,6 +216,6 @@ def test_old_names_and_packed_moe_aux(ms):
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
     out = model(input_ids=ids, position_ids=pos, labels=ids)
     with torch.no_grad():
-        want = ref(input_ids=ids, position_ids=pos, output_router_logits=True)
+        want = ref(input_ids=ids, position_ids=pos, output_router_logits=True, use_cache=False)
     torch.testing.assert_close(out.aux_loss, want.aux_loss)
     assert out.aux_loss > 0
