@@ -74,7 +74,7 @@ from ..trainer.refcache import (  # noqa: F401 - weights_digest, strided_indices
     strided_indices,
     weights_digest,
 )
-from .causal_lm import apply_iwsft_to_model, sequence_starts
+from .causal_lm import apply_iwsft_to_model, check_model, sequence_starts
 
 TRL_MIN, TRL_BELOW = "1.14.2", "1.17.0"  # the tested range; [trl] extra in pyproject.toml
 if not (Version(TRL_MIN) <= Version(trl.__version__) < Version(TRL_BELOW)):
@@ -349,24 +349,14 @@ class IWSFTTrainer(SFTTrainer):
     def _check_supported(self) -> None:
         if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
             raise ValueError("IWSFTTrainer supports text-only causal LMs")
-        if getattr(self, "aux_loss_enabled", False):
-            raise ValueError("IWSFTTrainer does not add the MoE router auxiliary loss; set "
-                             "router_aux_loss_coef=0.0 or use a dense model")
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (getattr(pc, "cp_enabled", False)
                                or getattr(pc, "sp_enabled", False)):
             raise ValueError("IWSFTTrainer does not support context / sequence parallelism (the "
                              "sequence weights need whole sequences on one rank)")
-        lm = self._unwrapped_lm(self.model)
-        tc = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-        if getattr(tc, "final_logit_softcapping", None):
-            raise ValueError(f"{type(lm).__name__} soft-caps its logits "
-                             f"(final_logit_softcapping), which the fused loss does not do")
-        for attr in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-            v = getattr(tc, attr, None)
-            if v is not None and v != 1:
-                raise ValueError(f"{type(lm).__name__} scales its logits ({attr}={v}), which the "
-                                 f"fused loss does not do")
+        # the model: the one guard of the patch (architectures.py, docs/models.md); raises
+        # UnsupportedModelError (a ValueError and a TypeError) naming the type and the reason
+        check_model(self._unwrapped_lm(self.model))
 
     # -------------------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self):
