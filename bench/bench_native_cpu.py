@@ -19,6 +19,7 @@ import time
 import torch
 
 from iwsft_kernels import IWConfig, linear_iwsft_loss
+from iwsft_kernels.config import IDENTITY
 from iwsft_kernels.backends import native_cpu as native
 from iwsft_kernels.backends.chunked import rows_per_chunk
 from iwsft_kernels.backends.torch_ops import TorchOps
@@ -44,8 +45,8 @@ def loss_step(h, W, y, ref, cfg):
 def epilogue_step(ops, z, y, coef):
     zc = z.clone()
     t0 = time.perf_counter()
-    lp, state = ops.chunk_forward(zc, y)
-    ops.softmax_grad(state, y, lp, coef, torch.float32)
+    rows, state = ops.chunk_forward(zc, y)
+    ops.softmax_grad(state, y, rows, coef, None, IDENTITY, torch.float32)
     return time.perf_counter() - t0
 
 

@@ -15,6 +15,13 @@ alignments) and compiled with `triton.compile(..., target=GPUTarget("cuda", 90, 
 ptxas's log gives registers and spills, `metadata.shared` the dynamic shared memory, the PTX
 the instructions (`wgmma.mma_async ... bf16/f16/tf32`, or FMA for IEEE fp32 dots).
 
+Epilogue variants (the constexpr switches of the transform / fused outputs): every case runs
+the identity transform without entropy (what the kernels were before the transforms, suffix
+none); variant cases add `+lin` (scale and temperature: XF_MODE=1), `+cap` (soft cap with scale
+and temperature: XF_MODE=2), `+H` (entropy: WANT_ENTROPY, and a z-loss zcoef, which the host
+folds into per-row coefficients: no kernel variant) and `+cap+H`. Variant cases record only the
+kernels that take the switches (LSE, row logsumexp, softmax gradient), not the dW kernel.
+
 Two attribute modes per launch:
   launch  what a real launch of these arguments gets (Triton's specialisation);
   none    no divisibility / alignment attribute at all: the worst case. The launches that the
@@ -68,11 +75,17 @@ class Case:
     V: int
     aligned: bool  # False: odd H, pointers offset by one element
     bias: bool = False
+    variant: str = ""  # epilogue variant: "" | "lin" | "cap" | "H" | "cap+H" (VARIANTS)
+
+    @property
+    def full_name(self) -> str:
+        return (self.name + ("+bias" if self.bias else "")
+                + (f"+{self.variant}" if self.variant else ""))
 
     @property
     def label(self) -> str:
         prec = "" if self.dtype != "fp32" else ("+tf32" if self.tf32 else "+ieee")
-        return f"{self.name}{'+bias' if self.bias else ''} {self.dtype}{prec}"
+        return f"{self.full_name} {self.dtype}{prec}"
 
 
 SHAPES = {  # name: (M, H, V, aligned)
@@ -84,20 +97,50 @@ SHAPES = {  # name: (M, H, V, aligned)
 PRECISIONS = [("bf16", False), ("fp16", False), ("fp32", True), ("fp32", False)]
 
 
+def variant_args(variant: str):
+    """(LogitTransform, want_entropy, with_zcoef) of an epilogue variant: a Gemma2-like soft
+    cap (30) with a non-trivial scale and temperature; Granite/Cohere-like scale and a
+    sampling temperature."""
+    from iwsft_kernels.config import IDENTITY, LogitTransform
+    xf = {"": IDENTITY, "H": IDENTITY,
+          "lin": LogitTransform(scale=0.125, temperature=0.7),
+          "cap": LogitTransform(scale=1.5, softcap=30.0, temperature=0.7),
+          "cap+H": LogitTransform(scale=1.5, softcap=30.0, temperature=0.7)}[variant]
+    want = variant.endswith("H")
+    return xf, want, want
+
+
+VARIANTS = ("", "lin", "cap", "H", "cap+H")
+SWITCHES = ("XF_MODE", "WANT_ENTROPY", "HAS_BIAS")  # the epilogue constexprs, recorded per row
+
+
 def cases(subset: str = "full") -> list[Case]:
     """full: every shape x dtype/precision. ci: every kernel and every config of
     triton_configs.py in both attribute modes, at one aligned and the unaligned shape."""
     with_bias = [("qwen7b", "bf16", False, True), ("unaligned", "bf16", False, True)]
     if subset == "full":
-        combos = [(s, d, t, False) for s in SHAPES for d, t in PRECISIONS] + with_bias
-    elif subset == "ci":
+        combos = ([(s, d, t, False) for s in SHAPES for d, t in PRECISIONS] + with_bias
+                  + [("unaligned", "fp32", False, True)])
+        out = [Case(s, d, t, *SHAPES[s], bias=b) for s, d, t, b in combos]
+        # every epilogue variant at every shape and precision (and with a bias)
+        out += [Case(s, d, t, *SHAPES[s], bias=b, variant=v) for v in VARIANTS[1:]
+                for s, d, t, b in combos]
+        return out
+    if subset == "ci":
         combos = [("qwen7b", "bf16", False, False), ("qwen7b", "fp32", True, False),
                   ("qwen7b", "fp32", False, False), ("odd-vocab", "fp16", False, False),
                   ("unaligned", "bf16", False, False), ("unaligned", "fp32", True, False),
                   ("unaligned", "fp32", False, False)] + with_bias
-    else:
-        raise ValueError(f"unknown subset {subset!r}")
-    return [Case(s, d, t, *SHAPES[s], bias=b) for s, d, t, b in combos]
+        out = [Case(s, d, t, *SHAPES[s], bias=b) for s, d, t, b in combos]
+        # the heaviest variant (cap + entropy) at every precision, aligned and not; each
+        # single switch at the 7B head in bf16
+        heavy = [c for c in combos if c != ("unaligned", "bf16", False, True)]
+        out += [Case(s, d, t, *SHAPES[s], bias=b, variant="cap+H") for s, d, t, b in heavy
+                + [("unaligned", "fp32", False, True)]]
+        out += [Case("qwen7b", "bf16", False, *SHAPES["qwen7b"], variant=v)
+                for v in ("lin", "cap", "H")]
+        return out
+    raise ValueError(f"unknown subset {subset!r}")
 
 
 # --------------------------------------------------------------------------- capture
@@ -170,7 +213,8 @@ def _meta(shape, dtype, offset=0):
 
 def capture_case(case: Case) -> list[Launch]:
     """Drive TritonOps through one chunk of the algorithm on meta tensors; returns the
-    launches: LSE (phase 1), row logsumexp, softmax gradient, dW (16-bit)."""
+    launches: LSE (phase 1), row logsumexp, softmax gradient, dW (16-bit; identity variant
+    only: the dW kernel has no epilogue switch)."""
     from iwsft_kernels.backends.triton_ops import TritonOps
     from iwsft_kernels.backends.triton_configs import interpreting
     if interpreting():
@@ -182,18 +226,21 @@ def capture_case(case: Case) -> list[Launch]:
     W = _meta((case.V, case.H), dt, off)
     y = _meta((case.M + 1,), torch.int64)[1:]  # the chunk's labels: a slice (8-byte offset)
     b = _meta((case.V,), dt, off) if case.bias else None
+    xf, want_entropy, with_zcoef = variant_args(case.variant)
     ops = TritonOps()
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.tf32
     try:
         with recording() as launches:
-            ops.logprobs(h, W, b, y, case.M)
-            z = torch.empty(case.M, case.V, dtype=torch.float32, device="meta")
-            logp, state = ops.chunk_forward(z, y)
+            ops.logprobs(h, W, b, y, case.M, xf, want_entropy)
+            r = torch.empty(case.M, case.V, dtype=torch.float32, device="meta")
+            rows, state = ops.chunk_forward(r, y, xf, want_entropy)
             coef = torch.empty(case.M, dtype=torch.float32, device="meta")
-            g = ops.softmax_grad(state, y, logp, coef, dt)
-            dW = torch.empty(case.V, case.H, dtype=torch.float32, device="meta")
-            ops.accum_grad_weight(dW, g, h)
+            zcoef = torch.empty(case.M, dtype=torch.float32, device="meta") if with_zcoef else None
+            g = ops.softmax_grad(state, y, rows, coef, zcoef, xf, dt)
+            if not case.variant:
+                dW = torch.empty(case.V, case.H, dtype=torch.float32, device="meta")
+                ops.accum_grad_weight(dW, g, h)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     return launches
@@ -278,7 +325,8 @@ def compile_launch(launch: Launch, attrs_mode: str) -> dict:
     triton.knobs.compilation.always_compile = True
     buf = io.StringIO()
     t0 = time.perf_counter()
-    rec = {"kernel": launch.kernel, "config": _config_str(launch.kwargs)}
+    rec = {"kernel": launch.kernel, "config": _config_str(launch.kwargs),
+           "switches": {k: launch.kwargs[k] for k in SWITCHES if k in launch.kwargs}}
     try:
         with contextlib.redirect_stdout(buf):
             ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
@@ -347,7 +395,7 @@ def run(subset: str = "full", informational: bool = True, log=print) -> dict:
 
     def add(case, la, attrs_mode, launched, role):
         r = compile_launch(la, attrs_mode)
-        r.update(case=case.name + ("+bias" if case.bias else ""), dtype=case.dtype,
+        r.update(case=case.full_name, variant=case.variant, dtype=case.dtype,
                  tf32=case.tf32, M=case.M, H=case.H, V=case.V, aligned=case.aligned,
                  attrs=attrs_mode, launched=launched, role=role, expected_mma=expected_mma(la.kernel, case.dtype, case.tf32))
         r["problems"] = problems(r)
@@ -359,7 +407,7 @@ def run(subset: str = "full", informational: bool = True, log=print) -> dict:
         for la in capture_case(case):
             add(case, la, "launch" if case.aligned else "none", True, "default")
             has_dot = expected_mma(la.kernel, case.dtype, case.tf32) is not None
-            if informational and case.aligned and has_dot:
+            if informational and case.aligned and has_dot and not case.variant:
                 add(case, la, "none", False, "info")  # the aligned config without attributes
     if subset == "full":  # the candidates bench/tune_sm90.py times on aligned bf16 inputs
         for case, la in tune_launches():
@@ -426,12 +474,17 @@ def render_markdown(data: dict) -> str:
         "- **launched**: `yes` rows are what the wrappers launch for that input and must be "
         "clean (no spills, shared memory within the limit, the expected tile instruction); `no` "
         "rows compile the aligned config without attributes for information: they show why "
-        "unaligned inputs take the smaller tiles.",
+        "unaligned inputs take the smaller tiles (identity variant only).",
         "- **mma**: the tile dot's instruction: `wgmma.bf16` / `wgmma.f16` / `wgmma.tf32` "
         "(Hopper warpgroup MMA), `-` = none (IEEE fp32 dots run on FMA; row kernels have no dot).",
         "- cases: qwen7b (M=4097, H=3584, V=152064), qwen32b (H=5120), odd-vocab (H=4096, "
         "V=50257), unaligned (H=3585, V=50257, offset pointers); `+bias`: with an lm_head bias; fp32 `+tf32` = torch allows "
-        "TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`), `+ieee` = it does not.", "",
+        "TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`), `+ieee` = it does not.",
+        "- epilogue variants (constexpr switches; no suffix = identity transform, no entropy): "
+        "`+lin` scale 0.125 / temperature 0.7 (XF_MODE=1), `+cap` soft cap 30 with scale 1.5 / "
+        "temperature 0.7 (XF_MODE=2), `+H` entropy (WANT_ENTROPY) and a z-loss coefficient "
+        "(folded into per-row coefficients on the host: no kernel switch), `+cap+H` both. "
+        "Variant rows list the kernels with the switches only (not the dW kernel).", "",
         f"**Result: {'all launched configurations clean' if not bad else f'{len(bad)} PROBLEMS'}**"
         , ""]
     for r in bad:

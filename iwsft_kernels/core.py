@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .backends.chunked import fused_linear_iw, rows_per_chunk
+from .backends.rows import RowStats
 from .backends.torch_ops import TorchOps
+from .config import IDENTITY, OUTPUTS, LogitTransform
 
 BACKENDS = ("auto", "triton", "torch")
 # Default size of one logits chunk (when the caller gives no chunk_bytes). A chunk of m rows
@@ -60,6 +62,37 @@ def check_chunk_bytes(chunk_bytes) -> None:
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool)
                                     or not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+
+
+def check_outputs(outputs) -> tuple:
+    """The requested fused per-token outputs as a tuple of names from config.OUTPUTS, in
+    OUTPUTS order ("entropy" alone is also accepted as a single name)."""
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    try:
+        names = list(outputs)
+    except TypeError:
+        raise TypeError(f"outputs must be a tuple of names from {OUTPUTS}, got {outputs!r}")
+    bad = [n for n in names if not isinstance(n, str) or n not in OUTPUTS]
+    if bad:
+        raise ValueError(f"unknown outputs {bad!r}: allowed are {OUTPUTS}")
+    return tuple(n for n in OUTPUTS if n in names)
+
+
+def make_transform(logit_scale=1.0, logit_softcap=None, logit_temperature=1.0) -> LogitTransform:
+    """config.LogitTransform of the public kwargs (its ValueErrors name the bad value)."""
+    if isinstance(logit_scale, LogitTransform):
+        raise TypeError("logit_scale must be a number (pass the transform's fields as "
+                        "logit_scale / logit_softcap / logit_temperature)")
+    return LogitTransform(scale=logit_scale, softcap=logit_softcap,
+                          temperature=logit_temperature)
+
+
+def check_z_loss(z_loss) -> float:
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) \
+            or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return float(z_loss)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -231,22 +264,35 @@ def prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, con
     return Prepared(N=N, S=S, idx=idx, y=y, seg=seg, ref=ref, quality=quality, D=D)
 
 
-def default_chunk_rows(V: int, num_rows: int, compute_dtype, device_type: str) -> int:
+def extra_fp32_buffers(backend: str, device, xf: LogitTransform) -> int:
+    """Extra fp32 (m, V) buffers per chunk the backend's ops allocate under this transform
+    (the torch ops' dz/dr buffer when a softcap is on; 0 otherwise)."""
+    if xf.softcap is None:
+        return 0
+    ops = select_ops(backend, torch.device(device))
+    return int(getattr(ops, "softcap_extra_buffers", 0))
+
+
+def default_chunk_rows(V: int, num_rows: int, compute_dtype, device_type: str,
+                       extra_fp32: int = 0) -> int:
     """Rows per logits chunk when the caller gives no chunk_bytes (see DEFAULT_CHUNK_BYTES):
-    ceil(num_rows / 16), at least the device's row floor, at most what fits its byte cap."""
+    ceil(num_rows / 16), at least the device's row floor, at most what fits its byte cap
+    (counting ``extra_fp32`` more fp32 (m, V) buffers per chunk, see extra_fp32_buffers)."""
     dev = "cuda" if device_type == "cuda" else "cpu"
-    cap = rows_per_chunk(V, compute_dtype, DEFAULT_CHUNK_BYTES[dev])
+    cap = rows_per_chunk(V, compute_dtype, DEFAULT_CHUNK_BYTES[dev], extra_fp32)
     want = max(DEFAULT_MIN_CHUNK_ROWS[dev], -(-int(num_rows) // DEFAULT_CHUNK_FRACTION))
     return max(1, min(cap, want))
 
 
-def chunk_rows_for(weight, chunk_bytes, compute_dtype, num_rows: int) -> int:
+def chunk_rows_for(weight, chunk_bytes, compute_dtype, num_rows: int,
+                   extra_fp32: int = 0) -> int:
     """Rows per logits chunk for a call with num_rows target rows: the caller's chunk_bytes
-    when given, else default_chunk_rows."""
+    when given, else default_chunk_rows (both count ``extra_fp32`` extra fp32 buffers)."""
     check_chunk_bytes(chunk_bytes)
     if chunk_bytes is not None:
-        return rows_per_chunk(weight.shape[0], compute_dtype, chunk_bytes)
-    return default_chunk_rows(weight.shape[0], num_rows, compute_dtype, weight.device.type)
+        return rows_per_chunk(weight.shape[0], compute_dtype, chunk_bytes, extra_fp32)
+    return default_chunk_rows(weight.shape[0], num_rows, compute_dtype, weight.device.type,
+                              extra_fp32)
 
 
 def scatter(values, idx, N):
@@ -256,10 +302,13 @@ def scatter(values, idx, N):
 
 
 def forward_prepared(hidden, weight, bias, p: Prepared, config, be, chunk_rows, need_dh,
-                     need_dw, need_db):
+                     need_dw, need_db, xf: LogitTransform = IDENTITY, want_entropy=False,
+                     z_loss=0.0):
     """The loss computation on prepared inputs, no autograd: returns the FusedResult (its
     dh/dw/db cleared) and (dh, dw, db) in the inputs' shapes and dtypes (None if not needed).
-    Shared by the eager autograd Function (loss.py) and the registered op (ops.py)."""
+    Shared by the eager autograd Function (loss.py) and the registered op (ops.py).
+    xf: the logit transform; want_entropy: also the rows' entropy; z_loss: the z-loss
+    coefficient (docs/design.md §9)."""
     compute_dtype = weight.dtype
     H = weight.shape[1]
     ops = select_ops(be, hidden.device)
@@ -272,7 +321,8 @@ def forward_prepared(hidden, weight, bias, p: Prepared, config, be, chunk_rows, 
         b = None if bias is None else bias.detach().to(compute_dtype)
         res = fused_linear_iw(ops, h, W, b, p.y, p.ref, p.seg, p.S, p.quality, config, p.D,
                               need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-                              chunk_rows=chunk_rows)
+                              chunk_rows=chunk_rows, xf=xf, want_entropy=want_entropy,
+                              z_loss=z_loss)
         dh = dw = db = None
         if need_dh:
             dh = res.dh.to(hidden.dtype)
@@ -288,8 +338,11 @@ def forward_prepared(hidden, weight, bias, p: Prepared, config, be, chunk_rows, 
     return res, (dh, dw, db)
 
 
-def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes) -> torch.Tensor:
-    """(N,) fp32 log-probs of the labels, 0 at ignored positions; no grad, no logits kept."""
+def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes,
+             xf: LogitTransform = IDENTITY, want_entropy: bool = False):
+    """RowStats of every position (N,): logp (fp32 log-probs of the labels under the
+    transformed logits), lse, top1, entropy (if asked); 0 / False at ignored positions; no
+    grad, no logits kept."""
     from .config import IWConfig
 
     check_float("hidden", hidden)
@@ -303,6 +356,8 @@ def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes) -
             h = h[p.idx]
         h = h.to(weight.dtype)
         b = None if bias is None else bias.detach().to(weight.dtype)
-        rows = chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel())
-        logp = select_ops(be, hidden.device).logprobs(h, weight.detach(), b, p.y, rows)
-    return scatter(logp, p.idx, p.N)
+        rows = chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
+                              extra_fp32_buffers(be, hidden.device, xf))
+        rs = select_ops(be, hidden.device).logprobs(h, weight.detach(), b, p.y, rows, xf,
+                                                    want_entropy)
+    return RowStats(*(None if t is None else scatter(t, p.idx, p.N) for t in rs))

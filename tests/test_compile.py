@@ -69,7 +69,7 @@ def _eager_and_op(inp, cfg, grad_out, **kw):
         args = (leaves["hidden"], leaves["weight"], inp["labels"], inp["ref_logprobs"])
         kwargs = dict(cu_seqlens=inp["cu_seqlens"], bias=leaves.get("bias"), config=cfg, **kw)
         if use_op:
-            loss, logp, seq_w, tok_w, stats = iw_ops.call(
+            loss, logp, seq_w, tok_w, stats, _ = iw_ops.call(
                 *args, kwargs["cu_seqlens"], kwargs["bias"], kwargs["quality"], cfg,
                 -100, kwargs["normalizer"], "auto", None)
         else:

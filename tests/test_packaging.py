@@ -74,21 +74,51 @@ print(json.dumps({"package": iwsft_kernels.__file__, "source": str(native.source
 """
 
 
+def outer_import_paths() -> list[str]:
+    """Where the running environment imports packages from: its site-packages folders (a
+    venv's own, or the system's; the user site) and any other folder on sys.path (added by a
+    .pth file or PYTHONPATH), except the checkout and other source trees of this package."""
+    import site
+    import sysconfig
+
+    sites = list(site.getsitepackages()) + [sysconfig.get_paths()["purelib"],
+                                            sysconfig.get_paths()["platlib"]]
+    if site.ENABLE_USER_SITE:
+        sites.append(site.getusersitepackages())
+    sites = [os.path.abspath(d) for d in sites]
+    stdlib = {os.path.abspath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+    out = []
+    for d in sites + [os.path.abspath(d) for d in sys.path if d]:
+        if d in out or d in stdlib or not os.path.isdir(d):
+            continue
+        inside_repo = Path(d).is_relative_to(REPO)
+        if d not in sites and (inside_repo or (Path(d) / "iwsft_kernels").is_dir()):
+            continue  # a source tree: the package must come from the wheel
+        out.append(d)
+    return out
+
+
 def test_wheel_in_fresh_venv_loads_native_from_installed_package(wheel, tmp_path):
     if native.disabled():
         pytest.fail("IWSFT_NO_NATIVE is set for this run: the native path cannot be checked")
     venv = tmp_path / "venv"
-    # --system-site-packages: torch comes from here (no download); pip too
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
     py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "IWSFT_NO_NATIVE")}
+    site = subprocess.run([str(py), "-c", "import sysconfig; "
+                           "print(sysconfig.get_paths()['purelib'])"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+    # torch and pip come from THIS environment (no download): its import folders, as plain
+    # path lines of a .pth file in the new venv. Not --system-site-packages: inside a venv that
+    # gives the base interpreter's folders, which need not hold torch. Plain lines, so this
+    # environment's own .pth files (an editable install of the checkout) are not processed
+    # there; the venv's own site-packages (the wheel) comes first on sys.path.
+    (Path(site) / "outer_env.pth").write_text("\n".join(outer_import_paths()) + "\n")
     # --ignore-installed: the checkout may be installed in the outer environment (pip -e .)
     r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--ignore-installed",
                         "-q", str(wheel)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     cwd = tmp_path / "elsewhere"  # not the checkout: nothing can come from the source tree
     cwd.mkdir()
     r = subprocess.run([str(py), "-c", CHECK], cwd=cwd, env=env, capture_output=True,

@@ -5,7 +5,9 @@ AOT part: bench/sm90_report.py compiles, in a subprocess without TRITON_INTERPRE
 launch wrappers pass for the `ci` subset of cases: every kernel of
 iwsft_kernels/backends/triton_*.py and every CUDA config of triton_configs.py, bf16 / fp16 /
 fp32 with TF32 / fp32 IEEE, at the Qwen2.5-7B head (H=3584, V=152064), a vocabulary that is not
-a multiple of 16 (V=50257) and an unaligned input (H=3585, offset pointers). Each launched
+a multiple of 16 (V=50257) and an unaligned input (H=3585, offset pointers), with the identity
+transform and with the epilogue variants (soft cap + scale + temperature with entropy at every
+precision; linear, cap and entropy alone at the 7B head). Each launched
 configuration must compile, not spill, stay within 232,448 bytes of shared memory, and lower
 its 16-bit (and TF32) tile dots to Hopper wgmma. The full matrix (also fp16 / qwen32b / every
 dtype at every shape) is `python -m bench.sm90_report` -> bench/results/sm90-report.md.
@@ -71,7 +73,7 @@ def test_every_cuda_config_is_compiled(report):
     seen = {(r["kernel"].split(".")[0], r["config"]) for r in _launched(report)}
     from bench.sm90_report import _config_str
     tables = {"triton_lse": [tc.LSE_16BIT, tc.LSE_FP32_TF32, tc.LSE_FP32, tc.LSE_16BIT_UNALIGNED,
-                             tc.LSE_FP32_UNALIGNED],
+                             tc.LSE_FP32_UNALIGNED, tc.LSE_FP32_UNALIGNED_ENTROPY],
               "triton_grad_weight": [tc.GRAD_WEIGHT_16BIT, tc.GRAD_WEIGHT_16BIT_UNALIGNED],
               "triton_epilogue": [tc.EPILOGUE]}
     for mod, cfgs in tables.items():
@@ -89,24 +91,59 @@ def test_dots_lower_to_wgmma_and_fp32_follows_torch_precision(report):
     assert by[("unaligned", "fp32", True)]["mma"] == "wgmma.tf32"
     ieee = by[("qwen7b", "fp32", False)]  # torch's default: IEEE fp32, no tensor cores
     assert ieee["mma"] == "-" and ieee["fma_f32"]
+    assert by[("qwen7b+cap+H", "bf16", False)]["mma"] == "wgmma.bf16"
+    assert by[("odd-vocab+cap+H", "fp16", False)]["mma"] == "wgmma.f16"
+    assert by[("unaligned+cap+H", "fp32", True)]["mma"] == "wgmma.tf32"
+    assert by[("qwen7b+cap+H", "fp32", False)]["mma"] == "-"
     for r in _launched(report):
         if r["kernel"] == "triton_grad_weight._grad_weight_kernel":
             assert r["mma"] == {"bf16": "wgmma.bf16", "fp16": "wgmma.f16"}[r["dtype"]]
 
 
 @cpu_side
+def test_epilogue_variants_are_compiled_with_their_switches(report):
+    """Every epilogue variant reaches the kernels as its constexprs: identity rows compile
+    XF_MODE=0 without entropy (the kernels of before the transforms), +lin / +cap XF_MODE 1 / 2,
+    +H WANT_ENTROPY; each kernel with the switches is compiled clean in each variant."""
+    want = {"": (0, False), "lin": (1, False), "cap": (2, False), "H": (0, True),
+            "cap+H": (2, True)}
+    switched = {"triton_lse._lse_forward_kernel": ("XF_MODE", "WANT_ENTROPY"),
+                "triton_epilogue._row_lse_kernel": ("XF_MODE", "WANT_ENTROPY"),
+                "triton_epilogue._softmax_grad_kernel": ("XF_MODE",)}
+    seen = set()
+    for r in _launched(report):
+        if r["kernel"] not in switched:
+            assert r["variant"] == "" and "XF_MODE" not in r["switches"]
+            continue
+        xf_mode, entropy = want[r["variant"]]
+        sw = r["switches"]
+        assert sw["XF_MODE"] == xf_mode, r
+        if "WANT_ENTROPY" in switched[r["kernel"]]:
+            assert sw["WANT_ENTROPY"] == entropy, r
+        assert sw.get("HAS_BIAS", "+bias" in r["case"]) == ("+bias" in r["case"]), r
+        assert not r["problems"]
+        seen.add((r["kernel"], r["variant"]))
+    assert seen == {(k, v) for k in switched for v in want}
+
+
+@cpu_side
 def test_unaligned_inputs_take_the_safe_configs_checked_without_attributes(report):
     from bench.sm90_report import _config_str
-    rows = [r for r in _launched(report) if r["case"] == "unaligned"]
+    rows = [r for r in _launched(report) if r["case"].startswith("unaligned")]
     assert rows and all(r["attrs"] == "none" and r["n_divisible_args"] == 0 for r in rows)
+    assert {r["variant"] for r in rows} >= {"", "cap+H"}
     safe = {("triton_lse._lse_forward_kernel", "bf16"): tc.LSE_16BIT_UNALIGNED,
             ("triton_lse._lse_forward_kernel", "fp32"): tc.LSE_FP32_UNALIGNED,
             ("triton_grad_weight._grad_weight_kernel", "bf16"): tc.GRAD_WEIGHT_16BIT_UNALIGNED}
     for r in rows:
-        if (r["kernel"], r["dtype"]) in safe:
-            assert r["config"] == _config_str(safe[(r["kernel"], r["dtype"])])
+        key = (r["kernel"], r["dtype"])
+        if key == ("triton_lse._lse_forward_kernel", "fp32") and not r["tf32"] \
+                and r["switches"]["WANT_ENTROPY"]:
+            assert r["config"] == _config_str(tc.LSE_FP32_UNALIGNED_ENTROPY)
+        elif key in safe:
+            assert r["config"] == _config_str(safe[key])
     # aligned inputs: the large tiles, specialised as a real launch would be
-    big = [r for r in _launched(report) if r["case"] == "qwen7b" and r["dtype"] == "bf16"
+    big = [r for r in _launched(report) if r["case"].startswith("qwen7b") and r["dtype"] == "bf16"
            and r["kernel"] != "triton_epilogue._row_lse_kernel"
            and r["kernel"] != "triton_epilogue._softmax_grad_kernel"]
     assert {r["config"] for r in big} == {_config_str(tc.LSE_16BIT),
@@ -132,6 +169,14 @@ def test_config_selection_on_cuda_tables():
     assert tc.lse_config(f32, aligned=True, precision="tf32", interpret=False) == tc.LSE_FP32_TF32
     assert tc.lse_config(f32, aligned=True, precision="ieee", interpret=False) == tc.LSE_FP32
     assert tc.lse_config(f32, aligned=False, precision="tf32", interpret=False) == tc.LSE_FP32_UNALIGNED
+    assert tc.lse_config(f32, aligned=False, precision="ieee", entropy=True,
+                         interpret=False) == tc.LSE_FP32_UNALIGNED_ENTROPY
+    # entropy changes nothing else (TF32 and 16-bit tiles compile clean with it)
+    assert tc.lse_config(f32, aligned=False, precision="tf32", entropy=True,
+                         interpret=False) == tc.LSE_FP32_UNALIGNED
+    assert tc.lse_config(f32, aligned=True, precision="ieee", entropy=True,
+                         interpret=False) == tc.LSE_FP32
+    assert tc.lse_config(bf, aligned=True, entropy=True, interpret=False) == tc.LSE_16BIT
     assert tc.grad_weight_config(bf, aligned=True, interpret=False) == tc.GRAD_WEIGHT_16BIT
     assert tc.grad_weight_config(bf, aligned=False, interpret=False) == tc.GRAD_WEIGHT_16BIT_UNALIGNED
     with pytest.raises(TypeError, match="bf16/fp16"):

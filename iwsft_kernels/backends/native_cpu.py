@@ -29,8 +29,12 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from typing import NamedTuple
+
 import torch
 
+from ..config import IDENTITY, LogitTransform
+from .rows import RowStats
 from .torch_ops import TorchOps
 
 _HERE = Path(__file__).resolve()
@@ -244,35 +248,67 @@ def _reset_for_tests():
     _state.update(lib=_UNSET, error=None, noticed=False, origin=None, compiled=False)
 
 
+class NativeState(NamedTuple):
+    """What NativeTorchOps.softmax_grad needs from chunk_forward (the chunk is not copied):
+    buf = the chunk's memory, holding e = exp(z - max z) (identity / linear transforms) or
+    u = exp(-2|x|), x = scale r / softcap, signed like r (softcap: softmax_grad gets z, e and
+    sech^2(x) from it; see csrc/iwsft_epilogue.cpp); rest = the row sum of e without one
+    arg-max entry; mz = the row max of z (float64); xf = the transform."""
+
+    buf: torch.Tensor
+    rest: torch.Tensor
+    mz: torch.Tensor
+    xf: LogitTransform
+
+
 class NativeTorchOps(TorchOps):
     """TorchOps with the per-chunk epilogue (chunk_forward, softmax_grad) done by the native
-    CPU kernels; anything they do not cover (non-CPU or non-contiguous chunks) goes to the
-    pure torch code. The state between the two is (e, rest), as in TorchOps (rest = the row's
-    sum of e without one arg-max entry)."""
+    CPU kernels, every logit transform and output included; chunks the kernels do not take
+    (not CPU, not fp32, not a contiguous 2-D chunk, y not int64) go to the pure torch code
+    (TorchOps), whose state softmax_grad recognises and hands back to it."""
 
     name = "torch+native"
+    # no (m, V) buffer beyond the chunk under a softcap (the chunk driver's budget reads this;
+    # TorchOps needs one): the capped state lives in the chunk itself (NativeState)
+    softcap_extra_buffers = 0
 
     def __init__(self, lib=None):
+        super().__init__()
         self._lib = lib if lib is not None else load()
         if self._lib is None:
             raise NativeUnavailable(load_error() or "native epilogue disabled")
 
     @staticmethod
-    def _native_ok(z, y):
-        return (z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 2
-                and z.is_contiguous() and y.dtype == torch.int64)
+    def _native_ok(r, y):
+        return (r.device.type == "cpu" and r.dtype == torch.float32 and r.dim() == 2
+                and r.is_contiguous() and y.dtype == torch.int64)
 
-    def chunk_forward(self, z, y):
-        if not self._native_ok(z, y):
-            return super().chunk_forward(z, y)
-        lp, s = self._lib.chunk_forward(z, y)
-        return lp, (z, s)
+    def chunk_forward(self, r, y, xf=IDENTITY, want_entropy=False):
+        """Consumes r (raw fp32 logits, owned; overwritten by the state, see NativeState).
+        Returns (RowStats of the transformed logits, NativeState)."""
+        if not self._native_ok(r, y):
+            return super().chunk_forward(r, y, xf, want_entropy)
+        lp, lse, top1, rest, mz, ent = self._lib.chunk_forward(
+            r, y, xf.scale, xf.softcap, xf.temperature, bool(want_entropy))
+        return (RowStats(lp, lse, top1, ent if want_entropy else None),
+                NativeState(r, rest, mz, xf))
 
-    def softmax_grad(self, state, y, logp, coef, out_dtype):
-        e, s = state
-        if not self._native_ok(e, y):
-            return super().softmax_grad(state, y, logp, coef, out_dtype)
-        return self._lib.softmax_grad_(e, y, logp, coef, s)
+    def row_stats(self, r, y, xf=IDENTITY, want_entropy=False):
+        """chunk_forward without keeping the state (TorchOps.logprobs' chunk loop calls this)."""
+        return self.chunk_forward(r, y, xf, want_entropy)[0]
+
+    def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
+                     out_dtype=torch.float32):
+        """G_r = (coef (softmax - onehot) + zcoef softmax) * dz/dr, the gradient w.r.t. the raw
+        logits, written into the chunk's memory, fp32 like TorchOps.softmax_grad (out_dtype is
+        not used: the inherited gradient GEMMs cast)."""
+        if not isinstance(state, NativeState):
+            return super().softmax_grad(state, y, rows, coef, zcoef, xf, out_dtype)
+        if xf != state.xf:
+            raise ValueError(f"softmax_grad: the logit transform {xf} differs from the one "
+                             f"chunk_forward used ({state.xf})")
+        return self._lib.softmax_grad_(state.buf, y, rows.logp, coef, zcoef, state.rest,
+                                       state.mz, xf.scale, xf.softcap, xf.temperature)
 
 
 def native_ops() -> NativeTorchOps | None:

@@ -91,6 +91,9 @@ LSE_FP32 = _tiles(64, 128, 32, 8, 3)
 LSE_16BIT_UNALIGNED = _tiles(128, 64, 32, 8, 3)
 # unaligned fp32 inputs (TF32 or IEEE)
 LSE_FP32_UNALIGNED = LSE_FP32
+# unaligned fp32 IEEE with the entropy sum S1 (WANT_ENTROPY): the 32-wide K step of
+# LSE_FP32_UNALIGNED spills there (255 registers, 40/36 bytes); a 16-wide one does not
+LSE_FP32_UNALIGNED_ENTROPY = _tiles(64, 128, 16, 8, 3)
 
 _GW = ("BLOCK_V", "BLOCK_H", "BLOCK_K")
 GRAD_WEIGHT_16BIT = _tiles(128, 128, 64, 8, 3, _GW)
@@ -104,14 +107,16 @@ _INTERPRET_EPILOGUE = dict(BLOCK_V=32, num_warps=1)
 
 
 def lse_config(dtype: torch.dtype, *, aligned: bool = True, precision: str = "ieee",
-               interpret: bool | None = None) -> dict:
+               entropy: bool = False, interpret: bool | None = None) -> dict:
     """Fused logits-tile + online logsumexp + target logit (triton_lse.py). `precision` is
-    the fp32 dot precision ('tf32' | 'ieee'); ignored for 16-bit inputs."""
+    the fp32 dot precision ('tf32' | 'ieee'); ignored for 16-bit inputs. `entropy`: the
+    kernel also carries the entropy sum (WANT_ENTROPY)."""
     if _interp(interpret):
         return dict(_INTERPRET_LSE)
     if dtype == torch.float32:
         if not aligned:
-            return dict(LSE_FP32_UNALIGNED)
+            return dict(LSE_FP32_UNALIGNED_ENTROPY if entropy and precision != "tf32"
+                        else LSE_FP32_UNALIGNED)
         return dict(LSE_FP32_TF32 if precision == "tf32" else LSE_FP32)
     return dict(LSE_16BIT if aligned else LSE_16BIT_UNALIGNED)
 

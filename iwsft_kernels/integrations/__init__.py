@@ -8,11 +8,13 @@ except ModuleNotFoundError as e:  # one clear line instead of a traceback into c
         f'pip install -e ".[train]" (iwsft-train, the model patch) or -e ".[trl]" (TRL\'s '
         f"SFTTrainer), after pip install torch==2.13.0", name=e.name) from e
 
+from .architectures import UnsupportedModelError, support_table
 from .causal_lm import (
     IWSFTCausalLMOutput,
     apply_iwsft_to_llama,
     apply_iwsft_to_model,
     apply_iwsft_to_qwen2,
+    check_model,
     remove_iwsft_patch,
     sequence_starts,
     shift_for_next_token,
@@ -20,10 +22,13 @@ from .causal_lm import (
 
 __all__ = [
     "IWSFTCausalLMOutput",
+    "UnsupportedModelError",
     "apply_iwsft_to_llama",
     "apply_iwsft_to_model",
     "apply_iwsft_to_qwen2",
+    "check_model",
     "remove_iwsft_patch",
     "sequence_starts",
     "shift_for_next_token",
+    "support_table",
 ]

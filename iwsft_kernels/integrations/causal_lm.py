@@ -22,6 +22,19 @@ Conventions (all tensors (B, T) like ``input_ids``):
 - ``num_items_in_batch`` is the loss divisor D (global target-token count across accumulation
   steps and ranks); default: the target tokens of this call.
 
+Only architectures whose output path the patch reproduces exactly are patched (the table in
+``architectures.py``, docs/models.md): their logit transform (Gemma2's final-logit softcap,
+Granite's ``logits_scaling``, Cohere's ``logit_scale``, ...) is applied by the kernel, and the MoE
+router auxiliary loss is added exactly as the model's own forward adds it
+(``out.aux_loss``). Anything else raises ``UnsupportedModelError`` (a TypeError and a
+ValueError) naming the model type and the reason.
+
+Fused per-token outputs: ``iw_outputs=("entropy", "top1", "lse")`` (or the patch-level default
+``apply_iwsft_to_model(..., outputs=...)``) adds ``out.entropy`` (fp32), ``out.top1`` (bool) and
+``out.lse`` (fp32), (B, T) aligned with labels like ``token_logprobs`` (0 / False at
+non-target positions): entropy of the model's next-token distribution, whether the label is
+its arg-max, and the logsumexp of the (transformed) logits.
+
 The loss is computed inside the output-embedding module's own call (``lm_head(hidden,
 request)``), so the lm_head weight (tied or not) is only touched while that module runs: the
 gather/reshard hooks of FSDP2 and DeepSpeed ZeRO-3 see an ordinary forward. Without labels the
@@ -30,6 +43,7 @@ model's original forward runs unchanged.
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -39,6 +53,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .. import IWConfig, linear_iwsft_loss, linear_logprobs
+from ..config import OUTPUTS
+from .architectures import Plan, UnsupportedModelError, resolve
 
 
 @dataclass
@@ -50,6 +66,10 @@ class IWSFTCausalLMOutput(ModelOutput):
     seq_weights: Optional[torch.Tensor] = None  # (S,) fp32
     num_targets: Optional[torch.Tensor] = None  # 0-d int64: target tokens in this call
     stats: Optional[dict] = None  # per-call weight statistics (see iwsft_kernels.weights)
+    aux_loss: Optional[torch.Tensor] = None  # MoE router auxiliary loss (coef * it is in loss)
+    entropy: Optional[torch.Tensor] = None  # (B, T) fp32, aligned with labels (iw_outputs)
+    top1: Optional[torch.Tensor] = None  # (B, T) bool, aligned with labels (iw_outputs)
+    lse: Optional[torch.Tensor] = None  # (B, T) fp32, aligned with labels (iw_outputs)
 
 
 # ------------------------------------------------------------------------------ shifting
@@ -90,11 +110,23 @@ class _HeadRequest:
     DeepSpeed's hooks traverse tuples/dicts/dataclasses, and would cast the fp32 ref_logprobs."""
 
     __slots__ = ("labels", "ref", "quality", "cu_seqlens", "config", "normalizer",
-                 "logprobs_only", "backend", "ignore_index")
+                 "logprobs_only", "backend", "ignore_index", "transform", "outputs")
 
     def __init__(self, **kw):
         for k in self.__slots__:
             setattr(self, k, kw.get(k))
+
+
+def _kernel_kwargs(r: _HeadRequest) -> dict:
+    """The logit transform / fused outputs, passed only when used."""
+    kw = {}
+    xf = r.transform
+    if xf is not None and not xf.identity:
+        kw.update(logit_scale=xf.scale, logit_softcap=xf.softcap,
+                  logit_temperature=xf.temperature)
+    if r.outputs:
+        kw["outputs"] = r.outputs
+    return kw
 
 
 def _head_forward(self: nn.Module, hidden: torch.Tensor, request: _HeadRequest | None = None):
@@ -109,41 +141,84 @@ def _head_forward(self: nn.Module, hidden: torch.Tensor, request: _HeadRequest |
     r = request
     if r.logprobs_only:
         lp = linear_logprobs(hidden, weight, r.labels, bias=bias, ignore_index=r.ignore_index,
-                             backend=r.backend)
+                             backend=r.backend, **_kernel_kwargs(r))
         return (lp,)
     out = linear_iwsft_loss(hidden, weight, r.labels, r.ref, cu_seqlens=r.cu_seqlens, bias=bias,
                             quality=r.quality, config=r.config, ignore_index=r.ignore_index,
-                            normalizer=r.normalizer, backend=r.backend)
+                            normalizer=r.normalizer, backend=r.backend, **_kernel_kwargs(r))
     # a tuple whose first item is the loss tensor: DeepSpeed attaches its backward hooks to it
     return out.loss, out
 
 
 # ---------------------------------------------------------------------- model-side forward
 _OUR_KWARGS = ("ref_logprobs", "quality", "cu_seqlens", "iw_config", "num_items_in_batch",
-               "return_logprobs_only")
+               "return_logprobs_only", "iw_outputs")
+
+
+def _named_inputs(self: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments named after the model's own forward signature: the body is called
+    with keywords only (its positional order can differ from the model's)."""
+    if not args:
+        return kwargs
+    names = [p.name for p in inspect.signature(self._iwsft_orig_forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"{type(self).__name__}.forward got {len(args)} positional arguments")
+    named = dict(zip(names, args))
+    dup = set(named) & set(kwargs)
+    if dup:
+        raise TypeError(f"{type(self).__name__}.forward got multiple values for {sorted(dup)}")
+    return {**named, **kwargs}
+
+
+def _as_outputs(outs) -> tuple:
+    """("entropy", "top1", "lse") subset as a tuple; a single name may be given as a str."""
+    if isinstance(outs, str):
+        outs = (outs,)
+    outs = tuple(outs or ())
+    bad = [o for o in outs if o not in OUTPUTS]
+    if bad:
+        raise ValueError(f"iw outputs must be a subset of {OUTPUTS}, got {bad}")
+    return outs
+
+
+def _aligned(x: torch.Tensor | None, shape) -> torch.Tensor | None:
+    return None if x is None else unshift(x.reshape(shape))
 
 
 def _iwsft_forward(self: nn.Module, *args, labels: torch.Tensor | None = None,
                    ref_logprobs: torch.Tensor | None = None, quality: torch.Tensor | None = None,
                    cu_seqlens: torch.Tensor | None = None, iw_config: IWConfig | None = None,
                    num_items_in_batch: Any = None, return_logprobs_only: bool = False,
-                   **kwargs):
+                   iw_outputs=None, **kwargs):
     if labels is None:
-        if ref_logprobs is not None or quality is not None or return_logprobs_only:
-            raise ValueError("ref_logprobs / quality / return_logprobs_only need `labels`")
+        if ref_logprobs is not None or quality is not None or return_logprobs_only \
+                or iw_outputs:
+            raise ValueError("ref_logprobs / quality / return_logprobs_only / iw_outputs need "
+                             "`labels`")
         return self._iwsft_orig_forward(*args, **kwargs)  # plain inference: unchanged
 
-    st = self._iwsft
+    st: _PatchState = self._iwsft
+    plan: Plan = st.plan
+    kwargs = _named_inputs(self, args, kwargs)
     if labels.dim() == 1:
         labels = labels[None]
     if kwargs.get("logits_to_keep", 0) not in (0, None):
         raise ValueError("logits_to_keep is not supported together with labels")
-    kwargs.pop("logits_to_keep", None)
-    kwargs.pop("return_dict", None)
-    for k in ("use_cache", "past_key_values", "cache"):
+    if kwargs.get("shift_labels") is not None:
+        raise ValueError("shift_labels is not supported by the iw-SFT patch; pass the unshifted "
+                         "`labels` (the patch shifts them, never across a sequence boundary)")
+    for k in ("logits_to_keep", "return_dict", "shift_labels", "use_cache", "past_key_values",
+              "cache"):
         kwargs.pop(k, None)
+    outputs = st.outputs if iw_outputs is None else _as_outputs(iw_outputs)
+    router = plan.router_logits_wanted(self, kwargs.pop("output_router_logits", None))
+    if router is not None:
+        kwargs["output_router_logits"] = router
+    if st.body_takes_use_cache:
+        kwargs["use_cache"] = False
 
-    body_out = _decoder_of(self)(*args, use_cache=False, **kwargs)
+    body_out = plan.body(self)(**kwargs)
     hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match the hidden states "
@@ -158,13 +233,18 @@ def _iwsft_forward(self: nn.Module, *args, labels: torch.Tensor | None = None,
         h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     else:  # (B, T): each row is a sequence
         cu, h, y = None, hidden, targets
-    head = self.get_output_embeddings()
-    common = dict(cu_seqlens=cu, ignore_index=st.ignore_index, backend=st.backend)
+    head = plan.head(self)
+    common = dict(cu_seqlens=cu, ignore_index=st.ignore_index, backend=st.backend,
+                  transform=plan.transform(self), outputs=outputs)
+    num_targets = (targets != st.ignore_index).sum()
 
     if return_logprobs_only:
         (lp,) = head(h, _HeadRequest(labels=y, logprobs_only=True, **common))
-        return IWSFTCausalLMOutput(token_logprobs=unshift(lp.reshape(labels.shape)),
-                                   num_targets=(targets != st.ignore_index).sum())
+        res = lp if outputs else None
+        lp = lp.logprobs if outputs else lp
+        return IWSFTCausalLMOutput(
+            token_logprobs=unshift(lp.reshape(labels.shape)), num_targets=num_targets,
+            **{k: _aligned(getattr(res, k), labels.shape) for k in outputs})
 
     config = iw_config if iw_config is not None else st.config
     ref = None
@@ -181,13 +261,19 @@ def _iwsft_forward(self: nn.Module, *args, labels: torch.Tensor | None = None,
     req = _HeadRequest(labels=y, ref=ref, quality=quality, config=config,
                        normalizer=num_items_in_batch, logprobs_only=False, **common)
     loss, res = head(h, req)
+    aux = None
+    if router:  # the MoE forward: loss += coef * load_balancing_loss_func(...)
+        coef, aux = plan.aux_loss(self, body_out, kwargs.get("attention_mask"))
+        loss = loss + coef * aux.to(loss.device)
     return IWSFTCausalLMOutput(
         loss=loss,
         token_logprobs=unshift(res.token_logprobs.reshape(labels.shape)),
         token_weights=unshift(res.token_weights.reshape(labels.shape)),
         seq_weights=res.seq_weights,
-        num_targets=(targets != st.ignore_index).sum(),
+        num_targets=num_targets,
         stats=res.stats,
+        aux_loss=aux,
+        **{k: _aligned(getattr(res, k), labels.shape) for k in outputs},
     )
 
 
@@ -197,41 +283,51 @@ class _PatchState:
     config: IWConfig
     backend: str
     ignore_index: int
+    plan: Plan
+    outputs: tuple = ()
+    body_takes_use_cache: bool = False
 
 
-def _decoder_of(model: nn.Module) -> nn.Module:
-    get = getattr(model, "get_decoder", None)
-    body = get() if callable(get) else None
-    if body is None or body is model:
-        body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        raise TypeError(f"{type(model).__name__}: cannot find the decoder body (expected "
-                        f"`get_decoder()` or `base_model` returning the transformer)")
-    return body
+def _takes(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_model(model: nn.Module) -> Plan:
+    """Raise UnsupportedModelError (a TypeError and a ValueError) naming the model type and the
+    reason unless the patch reproduces `model`'s output path exactly (docs/models.md)."""
+    return resolve(model)
 
 
 def apply_iwsft_to_model(model: nn.Module, config: IWConfig | None = None, *,
-                         backend: str = "auto", ignore_index: int = -100) -> nn.Module:
+                         backend: str = "auto", ignore_index: int = -100,
+                         outputs=()) -> nn.Module:
     """Patch `model` (in place; also returned) so that forward with `labels` computes the fused
-    iw-SFT loss. Works for any causal LM with a decoder body and an output-embedding Linear
-    (``get_output_embeddings()``): Qwen2/Qwen2.5, Llama, Mistral, GPT-2, ... Calling it again
-    only updates the config/backend."""
+    iw-SFT loss. Only the model types verified to match their own forward exactly are patched
+    (docs/models.md: Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 1/2/3, Phi-3, Granite,
+    Cohere, OLMo2, GPT-2, GPT-NeoX, DeepSeek-V3, GPT-OSS, Falcon-H1, SmolLM3, ...); anything
+    else raises UnsupportedModelError with the reason. `outputs`: default fused per-token
+    outputs (subset of ("entropy", "top1", "lse")) for every call. Calling it again only
+    updates the config/backend/outputs."""
     config = IWConfig() if config is None else config
     if not isinstance(config, IWConfig):
         raise TypeError(f"config must be an IWConfig, got {type(config).__name__}")
-    if getattr(model, "_iwsft", None) is not None:
-        model._iwsft = _PatchState(config, backend, ignore_index)
+    outputs = _as_outputs(outputs)
+    st = getattr(model, "_iwsft", None)
+    if st is not None:
+        model._iwsft = _PatchState(config, backend, ignore_index, st.plan, outputs,
+                                   st.body_takes_use_cache)
         return model
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise TypeError(f"{type(model).__name__} has no output embedding (lm_head) with a "
-                        f"`weight`; is it a causal LM?")
-    _decoder_of(model)  # fail early
+    plan = check_model(model)
+    head = plan.head(model)
     head._iwsft_orig_forward = head.forward
     head.forward = types.MethodType(_head_forward, head)
     model._iwsft_orig_forward = model.forward
     model.forward = types.MethodType(_iwsft_forward, model)
-    model._iwsft = _PatchState(config, backend, ignore_index)
+    model._iwsft = _PatchState(config, backend, ignore_index, plan, outputs,
+                               _takes(plan.body(model), "use_cache"))
     return model
 
 
@@ -239,7 +335,7 @@ def remove_iwsft_patch(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_iwsft_to_model`."""
     if getattr(model, "_iwsft", None) is None:
         return model
-    head = model.get_output_embeddings()
+    head = model._iwsft.plan.head(model)
     del head.forward, head._iwsft_orig_forward
     del model.forward, model._iwsft_orig_forward
     model._iwsft = None

@@ -47,15 +47,70 @@ def fingerprint_parts(data: TokenizedData, tokenizer, model_identity: str,
     }
 
 
-def model_identity(name: str, config, seed: int | None = None) -> str:
+def strided_indices(n: int, k: int = 4096) -> torch.Tensor:
+    """``min(n, k)`` evenly spread positions in ``range(n)`` as an int64 tensor, the first 0 and
+    the last ``n - 1``: ``i_j = floor(j (n - 1) / (k - 1))`` in exact integer arithmetic (a
+    float32 ``linspace`` rounds positions above 2^24 = 16,777,216, e.g. to ``n`` itself)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"strided_indices: n must be an int >= 0, got {n!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"strided_indices: k must be an int >= 2, got {k!r}")
+    if n <= k:
+        return torch.arange(n, dtype=torch.int64)
+    if (k - 1) * (n - 1) >= 2**63:
+        raise ValueError(f"strided_indices: n={n} is too large for int64 index arithmetic")
+    return torch.arange(k, dtype=torch.int64) * (n - 1) // (k - 1)
+
+
+def _sample_values(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """p's elements at the flat (row-major) positions `idx`, without copying p (a strided or
+    expanded tensor is indexed in place)."""
+    idx = idx.to(p.device)
+    if p.is_contiguous():
+        return p.view(-1)[idx]
+    return p[torch.unravel_index(idx, p.shape)]
+
+
+def weights_digest(model: torch.nn.Module, skip: tuple[str, ...] = ("lora_",),
+                   samples: int = 4096) -> str:
+    """A cheap identity of a model's weights: per parameter its name, shape, dtype and up to
+    `samples` evenly strided values (their exact bytes, positions from :func:`strided_indices`),
+    so any size works (a 151,936 x 896 embedding has 136M > 2^24 elements). Parameters whose
+    name contains a `skip` string (fresh adapters) are left out. A DeepSpeed ZeRO-3 partitioned
+    parameter (zero.Init) contributes its name, full shape and dtype only: its values are
+    spread over the ranks. A parameter on the meta device has no values: ValueError."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if any(s in name for s in skip):
+                continue
+            if p.device.type == "meta":
+                raise ValueError(f"weights_digest: parameter {name!r} is on the meta device (not "
+                                 f"loaded); there are no values to fingerprint")
+            partitioned = hasattr(p, "ds_shape") and p.numel() == 0
+            shape = tuple(p.ds_shape) if partitioned else tuple(p.shape)
+            h.update(f"{name}:{shape}:{p.dtype}{':partitioned' if partitioned else ''};"
+                     .encode())
+            if partitioned or p.numel() == 0:
+                continue
+            vals = _sample_values(p.detach(), strided_indices(p.numel(), samples))
+            h.update(vals.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(name: str, config, seed: int | None = None,
+                   model: torch.nn.Module | None = None) -> str:
     """Identity of a reference model: its name/path, config and (local dirs) weight file sizes;
-    for random-init models, the seed."""
+    for random-init models, the seed; with `model`, also :func:`weights_digest` of its loaded
+    weights (a checkpoint overwritten in place with same-size files is then told apart)."""
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     p = Path(name)
     if p.is_dir():
         for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
             h.update(f"{f.name}:{f.stat().st_size}".encode())
     suffix = f"|seed={seed}" if seed is not None else ""
+    if model is not None:
+        suffix += f"|weights={weights_digest(model, skip=())}"
     return f"{name}|{h.hexdigest()[:16]}{suffix}"
 
 

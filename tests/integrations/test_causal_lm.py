@@ -193,3 +193,55 @@ def test_autocast_bf16_runs():
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.lm_head.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_iw_outputs_entropy_top1_lse_aligned_with_labels(softcap):
+    """iw_outputs=("entropy", "top1", "lse"): (B, T) like token_logprobs, from the model's own
+    (transformed) next-token distribution; float64 oracle from the unpatched model's logits."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                    final_logit_softcapping=softcap, bos_token_id=None,
+                                    eos_token_id=None)
+    ref_model = transformers.Gemma2ForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # peaked logits: the cap saturates
+        ref_model.lm_head.weight.normal_(0, 3.0 / 32 ** 0.5)
+    model = apply_iwsft_to_model(copy.deepcopy(ref_model), IWConfig(mode="sft"),
+                                 backend="torch")
+    ids, mask, labels = batch()
+    # a label equal to the arg-max at some positions, so top1 is not all False
+    with torch.no_grad():
+        logits = ref_model.double()(input_ids=ids, attention_mask=mask).logits
+    amax = logits.argmax(-1)
+    labels[:, 5:8] = amax[:, 4:7]
+    tgt = torch.zeros_like(labels, dtype=torch.bool)
+    tgt[:, 1:] = labels[:, 1:] != -100
+    z = logits[:, :-1]
+    p = torch.softmax(z, -1)
+    want_ent = -(p * torch.log_softmax(z, -1)).sum(-1)
+    want_lse = torch.logsumexp(z, -1)
+    want_top1 = z.gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1) == z.max(-1).values
+
+    out = model(input_ids=ids, attention_mask=mask, labels=labels,
+                iw_outputs=("entropy", "top1", "lse"))
+    assert out.entropy.shape == out.top1.shape == out.lse.shape == labels.shape
+    assert out.top1.dtype == torch.bool and out.top1[tgt].any() and not out.top1[tgt].all()
+    torch.testing.assert_close(out.entropy[:, 1:][tgt[:, 1:]].double(),
+                               want_ent[tgt[:, 1:]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.lse[:, 1:][tgt[:, 1:]].double(), want_lse[tgt[:, 1:]],
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.top1[:, 1:][tgt[:, 1:]], want_top1[tgt[:, 1:]])
+    assert (out.entropy[~tgt] == 0).all() and not out.top1[~tgt].any()
+    # patch-level default, a single name, and the log-probs-only path
+    apply_iwsft_to_model(model, IWConfig(mode="sft"), backend="torch", outputs="entropy")
+    out2 = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out2.top1 is None and out2.lse is None
+    torch.testing.assert_close(out2.entropy, out.entropy)
+    lp = model(input_ids=ids, attention_mask=mask, labels=labels, return_logprobs_only=True,
+               iw_outputs=("top1",))
+    assert torch.equal(lp.top1, out.top1) and lp.entropy is None
+    torch.testing.assert_close(lp.token_logprobs, out.token_logprobs)
+    with pytest.raises(ValueError, match="subset"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, iw_outputs=("margin",))

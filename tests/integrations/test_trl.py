@@ -311,7 +311,8 @@ def test_accumulation_and_data_parallel_give_the_one_batch_update(tok, ref_dir, 
     assert_grads_close(res["grads"], out["one"][1], rtol=1e-5)
     one_log = out["one"][3].state.log_history[0]
     assert abs(res["log"]["loss"] - one_log["loss"]) < 1e-5 * one_log["loss"]
-    for k in ("iw/weight_mean", "iw/weight_max", "iw/ess_fraction", "num_tokens"):
+    for k in ("iw/weight_mean", "iw/weight_max", "iw/ess_fraction", "num_tokens", "entropy",
+              "mean_token_accuracy"):
         assert abs(res["log"][k] - one_log[k]) < 1e-5 * max(1.0, abs(one_log[k])), k
 
 
@@ -450,3 +451,7 @@ def test_example_script_runs(tmp_path):
     assert abs(first["iw/log_ratio_mean"]) < 1e-4
     assert 0.1 < first["iw/weight_mean"] < 1.0 and first["iw/weight_max"] <= 0.9 + 1e-6
     assert 11.0 < first["iw/nll"] < 13.0  # ~ log(151936) = 11.93 for the random model
+    # the trained model is saved and loads like any checkpoint
+    saved = transformers.AutoModelForCausalLM.from_pretrained(res["saved"])
+    assert saved.config.vocab_size == 151936
+    assert transformers.AutoTokenizer.from_pretrained(res["saved"]).chat_template
