@@ -1,7 +1,10 @@
 """Extra memory and time of our loss vs the naive path, as the batch grows (CPU).
 
-    python -m bench.bench_chunk_budget                       # N 512 and 2048, package default
+    python -m bench.bench_chunk_budget --quick               # N 512, 1 rep: ~1 min idle
+    python -m bench.bench_chunk_budget                       # N 512 and 2048, 3 reps
     python -m bench.bench_chunk_budget --chunk-bytes 134217728   # a fixed chunk budget instead
+
+(Durations on 2 cores, idle and loaded: bench/README.md.)
 
 Same inputs, implementations and memory probe as bench/bench_loss.py (Qwen2.5-0.5B head,
 H = 896, V = 151,936, fp32, sequences of 512 with the first 10% ignored, forward+backward):
@@ -28,7 +31,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.bench_loss import HEADS, _clear_grads, _MemProbe
+from bench.bench_loss import HEADS, _clear_grads, _MemProbe, cpu_seconds
 from bench.impls import get_impls
 from bench.oracle import make_inputs
 
@@ -102,19 +105,24 @@ def _r(xs):
     return "[" + ", ".join(f"{x:.2f}" for x in xs) + "]"
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ns", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--quick", action="store_true",
+                   help="N = 512 only, 1 timed rep (explicit --ns / --reps win)")
+    p.add_argument("--ns", type=int, nargs="+", default=None, help="default 512 2048")
     p.add_argument("--mode", default="sft", choices=["sft", "token", "sequence"])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=None, help="timed reps (default 3)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--chunk-bytes", type=int, default=None,
                    help="our chunk budget (default: the package's default)")
     p.add_argument("--child-mem", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--child-time", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.ns = args.ns or ([512] if args.quick else [512, 2048])
+    args.reps = args.reps or (1 if args.quick else 3)
     if args.child_mem or args.child_time:
         return _child(args)
+    t0, cpu0 = time.time(), cpu_seconds()
     from iwsft_kernels.core import chunk_rows_for
 
     h, v = HEADS["0.5b"]
@@ -137,6 +145,8 @@ def main():
               f"{pct['cold']:.1f}% / {pct['warm']:.1f}% | {med['naive']:.2f} | {med['ours']:.2f} | "
               f"{med['ours'] / med['naive']:.2f} (reps {_r(ts['naive'])} / {_r(ts['ours'])}, load "
               f"{os.getloadavg()[0]:.1f}) |", flush=True)
+    print(f"# {time.time() - t0:.0f} s wall, {cpu_seconds() - cpu0:.0f} s CPU (user+sys, all "
+          f"processes), load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """Loss microbenchmark: ours (sft / token / sequence, torch and Triton backends) vs the field.
 
-    python -m bench.bench_loss --quick            # CPU set: 0.5B head, N in {512, 2048}, fp32
+    python -m bench.bench_loss --quick            # ~2 min on 2 idle cores: naive vs ours, N 512
+    python -m bench.bench_loss --device cpu       # full CPU set: every peer, N in {512, 2048}
     python -m bench.bench_loss                    # GPU set: 0.5B/7B/32B heads, N up to 32768, bf16
     python -m bench.plot bench/results/<file>.json
+
+--quick is the Qwen2.5-0.5B head (fp32) at N = 512 with one rep, naive torch vs ours in the
+three modes (torch backend), written to <device>-<date>-quick.{json,md}; add peers with
+--impls, or `--heads qwen-vocab-h128` for a lighter head (H = 128, not a real model). Durations
+of each form: bench/README.md. Without CUDA, no option = --device cpu.
 
 Per cell (implementation x head x N) it records: forward ms and forward+backward ms (medians;
 CUDA events on GPU, wall clock on CPU), peak extra memory beyond inputs and gradient buffers
@@ -25,6 +31,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,8 +52,10 @@ HEADS = {  # Qwen2.5 lm_head shapes (H, V)
     "0.5b": (896, 151936),
     "7b": (3584, 152064),
     "32b": (5120, 152064),
+    "qwen-vocab-h128": (128, 151936),  # Qwen2.5's vocabulary, H = 128: not a real model head
     "tiny": (64, 4096),  # smoke tests only
 }
+QUICK_IMPLS = ["naive", "ours-sft-torch", "ours-token-torch", "ours-sequence-torch"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULT_TAG = "@@RESULT "
 
@@ -84,6 +93,14 @@ def _time_ms(f, reps: int, device: torch.device, before=None) -> list[float]:
             out.append((time.perf_counter() - t0) * 1e3)
         del r
     return out
+
+
+def cpu_seconds() -> float:
+    """user + sys CPU time of this process and of its finished children (less sensitive to the
+    machine's load than wall time)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _proc_status_kb(field: str) -> int:
@@ -286,6 +303,7 @@ class Runner:
         self.args = args
         self.device = torch.device(args.device)
         self.t0 = time.time()
+        self.cpu0 = cpu_seconds()
         self.meta = {
             "device": self.device.type,
             "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
@@ -300,7 +318,8 @@ class Runner:
         self.records: list[dict] = []
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = args.out_stem or f"{device_slug(self.device)}-{_dt.date.today().isoformat()}"
+        stem = args.out_stem or (f"{device_slug(self.device)}-{_dt.date.today().isoformat()}"
+                                 + ("-quick" if args.quick else ""))
         self.json_path = out_dir / f"{stem}.json"
         self.md_path = out_dir / f"{stem}.md"
         if args.update and self.json_path.exists():  # re-measure some cells, keep the rest
@@ -317,6 +336,8 @@ class Runner:
 
     def save(self):
         self.meta["elapsed_s"] = round(time.time() - self.t0, 1)
+        self.meta["cpu_s"] = round(cpu_seconds() - self.cpu0, 1)
+        self.meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         data = {"meta": self.meta, "records": self.records}
         for path, text in ((self.json_path, json.dumps(data, indent=1)),
                            (self.md_path, render_markdown(data))):
@@ -351,7 +372,10 @@ class Runner:
                 else:
                     self._run_shape_subprocess(impls, head, n, h, v)
         self.save()
-        print(f"wrote {self.json_path} and {self.md_path}")
+        m = self.meta
+        print(f"wrote {self.json_path} and {self.md_path}: {m['elapsed_s']:.0f} s wall, "
+              f"{m['cpu_s']:.0f} s CPU (user+sys, all processes), load average "
+              f"{'/'.join(f'{x:.1f}' for x in m['loadavg_end'])} at the end")
 
     # -- GPU (or --inprocess): everything in this process
     def _run_shape_inprocess(self, impls, head, n, h, v):
@@ -471,13 +495,17 @@ def _impl_opts(args) -> dict:
 def _spawn(task: dict, timeout: float):
     """Run one task in a fresh interpreter; returns (result dict, None) or (None, reason)."""
     cmd = [sys.executable, "-m", "bench.bench_loss", "--_task", json.dumps(task)]
+    cpu0 = cpu_seconds()
     try:
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout:.0f}s"
     for line in p.stdout.splitlines()[::-1]:
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):]), None
+            res = json.loads(line[len(RESULT_TAG):])
+            if isinstance(res, dict):  # the cell's process, start to end
+                res["cpu_s"] = round(cpu_seconds() - cpu0, 2)
+            return res, None
     tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [""]
     if p.returncode in (-9, 137) or any(s in p.stderr for s in
                                          ("MemoryError", "can't allocate memory", "out of memory")):
@@ -553,7 +581,9 @@ def render_markdown(data: dict) -> str:
     meta, recs = data["meta"], data["records"]
     ver = meta["versions"]
     lines = [f"# Loss benchmark: {meta['device_name']} ({meta['device']})", "",
-             f"- date: {meta['date']}; elapsed {meta.get('elapsed_s', '?')} s",
+             f"- date: {meta['date']}; elapsed {meta.get('elapsed_s', '?')} s"
+             + (f", CPU time {meta['cpu_s']} s (user+sys, all processes)" if "cpu_s" in meta
+                else ""),
              f"- CPU: {meta['cpu_model']}, {meta['cpu_count']} cores visible, torch threads "
              f"{meta['torch_threads']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
@@ -611,7 +641,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="CPU set: 0.5B head, N in {512, 2048}, fp32, sequences of 512")
+                   help="~2 min on 2 idle CPU cores: CPU, 0.5B head, N = 512, fp32, 1 rep, "
+                        f"impls {' '.join(QUICK_IMPLS)} (options given explicitly win); "
+                        "files <device>-<date>-quick.*. The full CPU set: --device cpu")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=None)
     p.add_argument("--ns", nargs="+", type=int, default=None)
@@ -646,8 +678,12 @@ def parse_args(argv=None):
     if args.device is None:
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     gpu = args.device.startswith("cuda")
+    if args.quick:
+        args.ns = args.ns or [512]
+        args.reps = args.reps or 1
+        args.impls = args.impls or list(QUICK_IMPLS)
     args.heads = args.heads or (["0.5b"] if args.quick or not gpu else ["7b", "0.5b", "32b"])
-    args.ns = args.ns or ([512, 2048] if args.quick or not gpu else [2048, 8192, 16384, 32768])
+    args.ns = args.ns or ([512, 2048] if not gpu else [2048, 8192, 16384, 32768])
     args.dtype = args.dtype or ("bf16" if gpu and not args.quick else "fp32")
     args.seq_len = args.seq_len or (2048 if gpu and not args.quick else 512)
     args.reps = args.reps or (5 if gpu else 2)

@@ -113,3 +113,72 @@ def test_teacher_compare_finds_differences():
     assert teacher.compare(a, b) == []  # timings are not outcomes
     b["runs"]["0"]["x"][1]["success"] = 0.5000001
     assert len(teacher.compare(a, b)) == 1
+
+
+# ------------------------------------------------------- the command lines pin the CPU kernels
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = ("import json, os, torch\n"
+         "from bench.repro import mkl_branch\n"
+         "print('@@' + json.dumps([os.environ.get('MKL_CBWR'),"
+         " os.environ.get('ATEN_CPU_CAPABILITY'), torch.backends.cpu.get_cpu_capability(),"
+         " mkl_branch()]))\n")
+
+
+def _probe(code: str, **env) -> list:
+    import os
+    import subprocess
+
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "IWSFT_REPRO_NO_PIN",
+                      "IWSFT_REPRO_PINNED")}
+    e.update(env, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code + PROBE], cwd=ROOT, env=e, text=True,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("@@")]
+    assert len(line) == 1, p.stdout  # a re-executed process prints once
+    return [*json.loads(line[0][2:]), p.stderr]
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def test_pin_cpu_kernels_before_and_after_torch_import():
+    """pin_cpu_kernels sets MKL_CBWR / ATEN_CPU_CAPABILITY before torch starts, torch then runs
+    the AVX2 ATen kernels and MKL's COMPATIBLE branch; called after `import torch` it
+    re-executes the process so that they still apply; the user's own values win;
+    IWSFT_REPRO_NO_PIN=1 pins nothing."""
+    from bench.repro import PINNED_CPU_KERNELS
+
+    assert PINNED_CPU_KERNELS == {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}
+    pin = "from bench.repro import pin_cpu_kernels\npin_cpu_kernels()\n"
+    cbwr, cap_env, cap, mkl, err = _probe(pin)  # before torch is imported
+    assert (cbwr, cap_env) == ("COMPATIBLE", "avx2")
+    assert "CPU kernels pinned" in err and "MKL_CBWR=COMPATIBLE" in err
+    if _has_avx2():
+        assert cap == "AVX2"
+    if mkl:  # torch's x86-64 Linux wheels: MKL reports its branch
+        assert mkl["fixed"] == "COMPATIBLE"
+    # after `import torch`: the process re-executes itself; a value the user set is kept
+    cbwr, cap_env, cap, mkl, err = _probe("import torch\n" + pin, MKL_CBWR="AVX2")
+    assert (cbwr, cap_env) == ("AVX2", "avx2") and "the committed results use COMPATIBLE" in err
+    if _has_avx2():
+        assert cap == "AVX2"
+        if mkl:
+            assert mkl["fixed"] == "AVX2"
+    cbwr, cap_env, cap, mkl, err = _probe(pin, IWSFT_REPRO_NO_PIN="1")
+    assert (cbwr, cap_env) == (None, None) and "NOT pinned" in err
+    if mkl:
+        assert mkl["fixed"] == "OFF"
+
+
+def test_run_compare_ignores_timings_and_paths():
+    a = {"qref": {"sha": "ab", "train_s": 1.0, "model": "/tmp/x"}, "per_seed": {"0": [0.25]}}
+    b = {"qref": {"sha": "ab", "train_s": 7.0, "model": "/tmp/y"}, "per_seed": {"0": [0.25]}}
+    assert run.compare(a, b) == []
+    b["qref"]["sha"] = "cd"
+    assert run.compare(a, b) == ["/qref/sha: 'ab' != 'cd'"]

@@ -1,11 +1,15 @@
 """Curated-data experiment at CPU scale (issue 5 item 2), end to end:
 
     nice -n 10 python -m bench.repro.curated.run            # full: ~5 min on 2 idle CPU cores
-    python -m bench.repro.curated.run --quick                # smoke version, < 2 min
+    python -m bench.repro.curated.run --quick                # smoke version, ~1-2 min idle
+    python -m bench.repro.curated.run --compare A.json B.json   # is a rerun identical?
 
 The curated data here are q_ref's own samples; teacher.py is the setting where a stronger
-teacher writes them (issue 15). Both pin the numerics (pinned_numerics): a rerun on the same
-kind of machine gives the same numbers.
+teacher writes them (issue 15). Both pin the numerics: the command line pins torch's CPU
+kernels before torch starts (bench.repro.pin_cpu_kernels: MKL_CBWR=COMPATIBLE,
+ATEN_CPU_CAPABILITY=avx2), and every run fixes one torch thread and the pure torch loss
+epilogue (pinned_numerics). With the same code and torch version a rerun gives the same
+numbers; docs/repro.md says on which CPUs that was checked.
 
 1. task: 3-operand integer arithmetic with an exact checker (task.py);
 2. q_ref: a tiny random-init Qwen2 (char-level vocab) trained with `iwsft-train --mode sft`
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -42,6 +47,12 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+if __name__ == "__main__":  # the command line: pin torch's CPU kernels before torch starts
+    from bench.repro import pin_cpu_kernels
+
+    pin_cpu_kernels()
+
+from bench.repro import mkl_branch  # noqa: E402
 from bench.repro.curated import policy, task  # noqa: E402
 
 
@@ -103,6 +114,25 @@ ABLATION = [
 ]
 
 
+def cpu_seconds() -> float:
+    """user + sys CPU time of this process and its finished children: a run's cost, less
+    sensitive to the machine's load than its wall time."""
+    import resource
+
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_cost(res: dict) -> str:
+    """'in 1.2 min (0.9 min CPU; load average 0.5 -> 1.1 on 2 cores)' for a result's markdown."""
+    out = f"in {res['wall_s'] / 60:.1f} min"
+    if "cpu_s" in res:
+        a, b = res["load_avg"]
+        out += (f" ({res['cpu_s'] / 60:.1f} min CPU time; 1-minute load average {a:.1f} at the "
+                f"start, {b:.1f} at the end, on {os.cpu_count()} cores)")
+    return out
+
+
 def log(msg: str) -> None:
     print(f"[curated {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -136,6 +166,19 @@ def pinned_numerics(native: bool = False):
             os.environ["IWSFT_NO_NATIVE"] = env
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """What the numbers depend on besides the code and the seeds (see docs/repro.md)."""
     import platform
@@ -156,11 +199,27 @@ def environment() -> dict:
     native_cpu.load()  # None when IWSFT_NO_NATIVE=1 (pinned_numerics' default)
     return {"torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "MKL_CBWR": os.environ.get("MKL_CBWR"),
+            "mkl_branch": mkl_branch(),
             "torch_threads": torch.get_num_threads(),
             "native_epilogue": "off (IWSFT_NO_NATIVE=1)" if native_cpu.disabled()
             else native_cpu.origin() or f"off ({native_cpu.load_error()})",
             "git_commit": commit}
+
+
+def describe(env: dict) -> str:
+    """One line for a result's markdown: where, and with which CPU kernels, it ran."""
+    mb = env.get("mkl_branch") or {}
+    fixed, auto = mb.get("fixed"), mb.get("auto_for_this_cpu")
+    mkl = (f"MKL {fixed}" if fixed not in (None, "OFF")
+           else f"MKL per CPU ({auto})" if auto else "MKL unknown")
+    epi = "pure torch" if env["native_epilogue"].startswith("off") else "native"
+    return (f"{env.get('cpu_model', env['machine'])}, torch {env['torch']}, "
+            f"{env['torch_threads']} torch thread, CPU kernels: ATen {env['cpu_capability']} + "
+            f"{mkl}, loss epilogue {epi}, commit {str(env['git_commit'])[:10]}")
 
 
 def run_trainer(**kw) -> dict:
@@ -177,6 +236,11 @@ def run_trainer(**kw) -> dict:
         return train(cfg)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def weights_sha(model_dir: str) -> str:
+    """First 16 hex digits of the sha256 of a saved model's weights file."""
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def weight_stats(run_dir: Path) -> dict:
@@ -215,6 +279,7 @@ def build_qref(work: Path, sc: Scale, heldout: set[str], pool: list[str] | None)
     styles = {k: sum(r["style"] == k for r in rows) / len(rows) for k in task.STYLE_MIX}
     corpus_ok = sum(task.check(r["prompt"], r["response"]) for r in rows) / len(rows)
     return {"model": s["final_dir"], "tokenizer": str(tok_dir), "train_s": time.perf_counter() - t0,
+            "sha": weights_sha(s["final_dir"]),
             "corpus_size": len(rows), "corpus_styles": styles, "corpus_correct": corpus_ok,
             "steps": s["steps"], "eval_loss_before": s["eval_loss_before"],
             "eval_loss_after": s["eval_loss_after"]}
@@ -305,7 +370,7 @@ def write_markdown(res: dict, path: Path) -> None:
     L = [f"# Curated-data experiment (CPU scale){' — QUICK smoke run' if res['quick'] else ''}",
          "",
          f"Generated by `python -m bench.repro.curated.run{' --quick' if res['quick'] else ''}` "
-         f"in {res['wall_s'] / 60:.1f} min ({res['host']}). Success = fraction of held-out "
+         f"{run_cost(res)} on {res['host']}. Success = fraction of held-out "
          f"problems ({sc['heldout']}, x{sc['eval_samples']} samples) whose sampled answer "
          f"(temperature 1) the exact checker accepts; mean ± sd over seeds {list(sc['seeds'])}.",
          "",
@@ -364,6 +429,52 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------- is a rerun identical?
+# what depends on the clock, and where files went: not outcomes
+VOLATILE_KEYS = {"train_s", "wall_s", "wall_s_max", "cpu_s", "load_avg", "path", "final",
+                 "model", "tokenizer", "host"}
+
+
+def outcome(obj):
+    """A result with everything that depends on the clock or the work folder removed: two runs
+    with the same code, environment and seeds must give equal outcomes (compare())."""
+    if isinstance(obj, dict):
+        return {k: outcome(x) for k, x in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [outcome(x) for x in obj]
+    return obj
+
+
+def compare(a, b, path: str = "") -> list[str]:
+    """Paths where two results' outcomes differ (empty: an exact rerun)."""
+    a, b = outcome(a), outcome(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}/{k}: only in one" for k in sorted(set(a) ^ set(b), key=str)]
+        for k in sorted(set(a) & set(b), key=str):
+            out += compare(a[k], b[k], f"{path}/{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in compare(x, y, f"{path}[{i}]")]
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+    return [] if same else [f"{path}: {a!r} != {b!r}"]
+
+
+def compare_files(a: str, b: str, keys: tuple[str, ...]) -> int:
+    """Print the differing values of two result files (the given top-level keys) and whether
+    their environments differ; 0 iff the outcomes are identical."""
+    ra, rb = (json.loads(Path(p).read_text()) for p in (a, b))
+    diffs = [d for k in keys for d in compare(ra.get(k), rb.get(k), f"/{k}")]
+    env = compare(ra.get("environment"), rb.get("environment"))
+    print("environment differs: " + "; ".join(env) if env else "same environment")
+    print(f"{len(diffs)} differing values" + (":" if diffs else " (identical outcomes)"))
+    for d in diffs[:40]:
+        print("  " + d)
+    return 1 if diffs else 0
+
+
+RESULT_KEYS = ("qref", "curation", "per_seed", "ablation_per_seed")
+
+
 # --------------------------------------------------------------------------------- main
 def run(sc: Scale, work: Path, results: Path, stem: str, quick: bool,
         native: bool = False) -> dict:
@@ -385,11 +496,7 @@ def problem_pool(rng: random.Random, n: int) -> list[str]:
 
 
 def _run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
-    import platform
-
-    import torch
-
-    t_start = time.perf_counter()
+    t_start, cpu0, load0 = time.perf_counter(), cpu_seconds(), os.getloadavg()[0]
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(777)
     pool = problem_pool(rng, sc.pool) if sc.pool else None
@@ -424,32 +531,36 @@ def _run(sc: Scale, work: Path, results: Path, stem: str, quick: bool) -> dict:
                 f"{ev['greedy_success']:.3f} ({ft['train_s']:.0f} s train)")
     res = {"quick": quick, "scale": {k: (list(v) if isinstance(v, tuple) else v)
                                       for k, v in sc.__dict__.items()},
-           "host": f"{platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch threads",
            "environment": environment(),
            "vocab": len(policy.build_tokenizer()), "qref": qref,
            "curation": curation, "methods": {m.name: m.args for m in METHODS + ABLATION},
            "per_seed": per, "ablation_per_seed": ablation,
            "summary": summarize(per), "ablation_summary": summarize(ablation)}
+    res["host"] = describe(res["environment"])
     res["wall_s"] = time.perf_counter() - t_start
+    res["cpu_s"], res["load_avg"] = cpu_seconds() - cpu0, [load0, os.getloadavg()[0]]
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
     write_markdown(res, results / f"{stem}.md")
     plot(res, results / f"{stem}.png")
-    log(f"done in {res['wall_s'] / 60:.1f} min: {results / stem}.{{json,md,png}}")
+    log(f"done {run_cost(res)}: {results / stem}.{{json,md,png}}")
     return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke version (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="smoke version (~1-2 min idle)")
     ap.add_argument("--workdir", default=None, help="default outputs/curated[-quick]")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--native", action="store_true",
                     help="let the native CPU loss epilogue run (default: the pure torch path)")
+    ap.add_argument("--compare", nargs=2, metavar="JSON", default=None,
+                    help="compare two result files: exit 0 iff their outcomes are identical")
     a = ap.parse_args(argv)
+    if a.compare:
+        return compare_files(*a.compare, keys=RESULT_KEYS)
     sc = QUICK if a.quick else FULL
     if a.seeds is not None:
         sc.seeds = tuple(a.seeds)

@@ -42,10 +42,15 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+if __name__ == "__main__":  # the command line: pin torch's CPU kernels before torch starts
+    from bench.repro import pin_cpu_kernels
+
+    pin_cpu_kernels()
+
 from bench.repro.curated import policy, task  # noqa: E402
-from bench.repro.curated.run import (Method, environment, log, mean_sd,  # noqa: E402
-                                     pinned_numerics, problem_pool, run_trainer, slug,
-                                     write_jsonl)
+from bench.repro.curated.run import (Method, compare, compare_files,  # noqa: E402, F401
+                                     describe, environment, log, mean_sd, outcome, pinned_numerics,
+                                     problem_pool, run_trainer, slug, write_jsonl)
 
 
 @dataclass
@@ -330,9 +335,7 @@ def write_markdown(res: dict, path: Path) -> None:
          + (f" in {res['merged_from']} parallel parts (one process per seed and regime, merged "
             f"with --merge; longest part {res['wall_s_max'] / 60:.0f} min, sum of parts "
             f"{res['wall_s'] / 60:.0f} min, on a shared machine)" if res.get("merged_from")
-            else f" in {res['wall_s'] / 60:.1f} min") + f" on {env['machine']} ({env['cpu_capability']}, "
-         f"{env['torch_threads']} torch thread, torch {env['torch']}, native epilogue: "
-         f"{env['native_epilogue'].split(' ')[0]}, commit {str(env['git_commit'])[:10]}). "
+            else f" in {res['wall_s'] / 60:.1f} min") + f" on {describe(env)}. "
          f"Seeds {', '.join(map(str, seeds))}; each seed trains its own q_ref and teacher. Held-out problems: "
          f"{sc['heldout']} (the same for every run), one sampled answer each (T = 1) and the "
          f"greedy answer. Curated sets: K = {sc['k']} checker-accepted answers per regime. "
@@ -554,33 +557,6 @@ def merge(parts: list[dict]) -> dict:
     return res
 
 
-TIMING_KEYS = {"train_s", "wall_s", "wall_s_max", "path"}  # and where files went
-
-
-def outcome(obj):
-    """A result with everything that depends on the clock removed: two runs with the same code,
-    environment and seeds must give equal outcomes (compare())."""
-    if isinstance(obj, dict):
-        return {k: outcome(x) for k, x in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [outcome(x) for x in obj]
-    return obj
-
-
-def compare(a: dict, b: dict, path: str = "") -> list[str]:
-    """Paths where two results' outcomes differ (empty: an exact rerun)."""
-    a, b = outcome(a), outcome(b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}/{k}: only in one" for k in set(a) ^ set(b)]
-        for k in sorted(set(a) & set(b), key=str):
-            out += compare(a[k], b[k], f"{path}/{k}")
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in compare(x, y, f"{path}[{i}]")]
-    same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
-    return [] if same else [f"{path}: {a!r} != {b!r}"]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced smoke version (1 seed)")
@@ -614,14 +590,7 @@ def main(argv=None) -> int:
         report(res, Path(a.results), a.stem or "repro-curated-teacher")
         return 0
     if a.compare:
-        ra, rb = (json.loads(Path(p).read_text()) for p in a.compare)
-        diffs = compare(ra["runs"], rb["runs"]) + compare(ra["base"], rb["base"])
-        env = compare(ra["environment"], rb["environment"])
-        print("environment differs: " + "; ".join(env) if env else "same environment")
-        print(f"{len(diffs)} differing values" + (":" if diffs else " (identical outcomes)"))
-        for d in diffs[:40]:
-            print("  " + d)
-        return 1 if diffs else 0
+        return compare_files(*a.compare, keys=("runs", "base"))
     sc = QUICK if a.quick else FULL
     if a.seeds is not None:
         sc.seeds = tuple(a.seeds)
