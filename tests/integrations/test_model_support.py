@@ -131,7 +131,7 @@ def test_refused_config_and_class_conditions(ms):
             return super().forward(x) * 2
 
     m.lm_head = LoraLike(32, ms.V, bias=False)
-    with pytest.raises(UnsupportedModelError, match="plain nn.Linear"):
+    with pytest.raises(UnsupportedModelError, match="own forward, not a plain nn.Linear"):
         apply_iwsft_to_model(m)
     m = copy.deepcopy(base)
     m.lm_head = nn.Sequential(nn.Linear(32, ms.V))
@@ -219,3 +219,21 @@ def test_old_names_and_packed_moe_aux(ms):
         want = ref(input_ids=ids, position_ids=pos, output_router_logits=True, use_cache=False)
     torch.testing.assert_close(out.aux_loss, want.aux_loss)
     assert out.aux_loss > 0
+
+
+def test_peft_heads(ms):
+    """PEFT: modules_to_save=["lm_head"] (a trainable copy of a plain Linear) is accepted and
+    trains the copy; LoRA on lm_head (its own forward) is refused with the hint."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    pm = peft.get_peft_model(ms.build("llama"), cfg)
+    base = pm.get_base_model()
+    apply_iwsft_to_model(base, IWConfig(mode="sft"), backend="torch")
+    ids, mask, labels = ms.batch()
+    pm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    copy_w = base.lm_head.modules_to_save["default"].weight
+    assert copy_w.grad is not None and base.lm_head.original_module.weight.grad is None
+    lora = peft.get_peft_model(ms.build("llama"),
+                               peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(UnsupportedModelError, match="modules_to_save"):
+        apply_iwsft_to_model(lora.get_base_model())
