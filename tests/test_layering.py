@@ -25,6 +25,8 @@ LAYERS = {
     "iwsft_kernels.loss": 5,
     "iwsft_kernels": 6,
     "iwsft_kernels.integrations": 7,
+    # plots + summary of a run's output folder; imports nothing from the package
+    "iwsft_kernels.report": 7,
     "iwsft_kernels.trainer": 8,
     # the TRL trainer sits on top: it reuses the trainer's reference-log-prob cache
     "iwsft_kernels.integrations.trl": 9,

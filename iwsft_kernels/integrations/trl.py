@@ -35,7 +35,8 @@ detached: "sft" w = 1; "token" w_i = clamp(exp(T d_i), w_min, w_max); "sequence"
 w_s = clamp(exp(T mean_{i in s} d_i), w_min, w_max), ``d_i = log p(y_i) - ref_i``, one
 sequence = one example (a packed row holds several). ``quality`` multiplies w_s.
 
-Evaluation (``eval_dataset``) reports the plain token NLL (mode "sft", no reference needed).
+Evaluation (``eval_dataset``) reports the plain token NLL (mode "sft", no reference needed),
+with ``eval_entropy`` and ``eval_mean_token_accuracy`` like SFTTrainer.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 from packaging.version import Version
 
 from ..config import IWConfig
+from ..report import write_last_step_weights
+from ..trainer.metrics import FUSED_OUTPUTS, OUTPUTS_KW, sequences_with_targets
 from ..trainer.refcache import (  # noqa: F401 - weights_digest, strided_indices: public here
     RefCacheMismatch,
     compute_ref_logprobs,
@@ -242,11 +245,17 @@ class IWSFTTrainer(SFTTrainer):
     After construction: ``trainer.iw_reference`` tells where the reference log-probs came from
     ({"source": "computed" | "cache" | "zero" | None, "cache_dir", "parts" (the fingerprint's
     components), "model"}).
-    Logged next to TRL's metrics (train), over the logging window and all ranks:
+    Logged: SFTTrainer's metrics under its names and with its reduction (``loss``, here the
+    weighted loss, ``grad_norm``, ``learning_rate``, ``num_tokens``, ``entropy``,
+    ``mean_token_accuracy``; eval: ``eval_loss``, the plain token NLL, ``eval_entropy``,
+    ``eval_mean_token_accuracy``, ``eval_num_tokens``), the entropy and top-1 coming from the
+    fused loss; and next to them (train), over the logging window and all ranks:
     ``iw/weight_mean``, ``iw/weight_min``, ``iw/weight_max``, ``iw/ess_fraction``
     ((sum w)^2 / sum w^2 / count), ``iw/clip_frac_max``, ``iw/clip_frac_min``,
     ``iw/log_ratio_mean`` (units: sequences in sequence mode, target tokens otherwise), and
-    ``iw/nll``, the unweighted mean token NLL (``loss`` is the weighted loss)."""
+    ``iw/nll``, the unweighted mean token NLL. At each log line the last optimizer step's
+    per-sequence weights go to ``<output_dir>/last_step_weights.json``; ``python -m
+    iwsft_kernels.report <output_dir>`` draws the run."""
 
     _tag_names = ["trl", "sft", "iwsft"]
     _name = "IW-SFT"
@@ -327,6 +336,8 @@ class IWSFTTrainer(SFTTrainer):
         if isinstance(self.data_collator, DataCollatorForLanguageModeling):
             self.data_collator = IWDataCollator(self.data_collator)
         self._iw_window = None
+        self._iw_step_weights: tuple[int, list[float]] | None = None
+        self._iw_weights_written: int | None = None
 
     # ------------------------------------------------------------------------- checks
     @staticmethod
@@ -554,15 +565,17 @@ class IWSFTTrainer(SFTTrainer):
         D = None
         if num_items_in_batch is not None:  # clamped like TRL: a batch without targets gives 0
             D = torch.as_tensor(num_items_in_batch).clamp(min=1)
-        outputs = model(**inputs, num_items_in_batch=D, **extra)
+        outputs = model(**inputs, num_items_in_batch=D, **{OUTPUTS_KW: FUSED_OUTPUTS}, **extra)
         loss = outputs.loss
         # like SFTTrainer / Trainer: num_items_in_batch counts the tokens of every rank, and DDP
         # averages the gradients over ranks
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
 
+        self._record_token_metrics(outputs, mode)
         if mode == "train":
             self._record_stats(outputs, cfg)
+            self._record_weights(outputs, inputs, cfg)
             if "attention_mask" in inputs:
                 n_tok = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
             else:
@@ -579,6 +592,52 @@ class IWSFTTrainer(SFTTrainer):
         return loss
 
     # ---------------------------------------------------------------------- metrics
+    def _record_token_metrics(self, out, mode: str) -> None:
+        """``entropy`` and ``mean_token_accuracy`` as SFTTrainer 1.16 computes them: per
+        micro-batch, (sum over the ranks' target tokens) / (their count), then ``log`` averages
+        these ratios over the logging window (eval: over the eval batches) and prefixes eval's
+        with ``eval_``. From the fused loss: no logits exist (top-1: the label attains the
+        maximum logit; ties count as correct)."""
+        if out.entropy is None or out.top1 is None:
+            raise RuntimeError(f"the patched model returned no entropy / top1 although called "
+                               f"with {OUTPUTS_KW}={FUSED_OUTPUTS}")
+        acc = self.accelerator
+        num_valid = acc.gather_for_metrics(out.num_targets).sum()
+        entropy_sum = acc.gather_for_metrics(out.entropy.detach().sum()).sum()
+        num_correct = acc.gather_for_metrics(out.top1.sum()).sum()
+        ok = bool(num_valid > 0)
+        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if ok else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(
+            (num_correct / num_valid).item() if ok else 0.0)
+
+    def _record_weights(self, out, inputs: dict, cfg: IWConfig) -> None:
+        """Keep this optimizer step's per-sequence weights (this rank's; ``log`` gathers them
+        and writes OUTPUT_DIR/last_step_weights.json for ``python -m iwsft_kernels.report``)."""
+        step = self.state.global_step  # steps done; this micro-batch belongs to step + 1
+        if self._iw_step_weights is None or self._iw_step_weights[0] != step:
+            self._iw_step_weights = (step, [])
+        w = out.seq_weights.detach().float()
+        has = sequences_with_targets(inputs["labels"], inputs.get("position_ids"))
+        if has.numel() == w.numel():
+            w = w[has.to(w.device)]
+        self._iw_step_weights[1].extend(w.cpu().tolist())
+
+    def _write_step_weights(self) -> None:
+        """Called by ``log`` on every rank (it gathers)."""
+        if self._iw_step_weights is None or self._iw_step_weights[0] == self._iw_weights_written:
+            return
+        step, w = self._iw_step_weights
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            w = gather_object(w)
+        cfg = self._iw_train_config
+        lo, hi = cfg.bounds if cfg.mode != "sft" else (None, None)
+        if self.accelerator.is_main_process:
+            write_last_step_weights(self.args.output_dir, trainer="trl", step=step + 1,
+                                    mode=cfg.mode, weights=w, w_min=lo, w_max=hi)
+        self._iw_weights_written = step
+
     def _record_stats(self, out, cfg: IWConfig) -> None:
         s = out.stats or {}
         seq_mode = cfg.mode == "sequence"
@@ -621,6 +680,8 @@ class IWSFTTrainer(SFTTrainer):
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # SFTTrainer.log adds entropy / mean_token_accuracy / num_tokens (eval: eval_*)
         if self.model.training:
             logs.update(self._window_metrics())
+            self._write_step_weights()
         super().log(logs, start_time)

@@ -65,8 +65,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: bool = False  # continue the run already in output_dir from its last checkpoint
     overwrite: bool = False  # delete the run already in output_dir and start over
-    eval_examples: int = 16  # loss before/after on the first examples
+    eval_examples: int = 16  # eval loss/entropy/accuracy before/after on the first examples
     log_with: str = "auto"  # auto (tensorboard when installed) | none | any accelerate tracker
+    report: bool = True  # write OUTPUT_DIR/report/ (plots + report.md) at the end
     stop_after_steps: int | None = None  # stop early (after checkpointing), e.g. to test resume
     config: str | None = None  # YAML/JSON file of these fields; command-line flags win
 
@@ -166,9 +167,12 @@ HELP = {
     "resume": "continue the run already in OUTPUT_DIR from its last checkpoint",
     "overwrite": "delete the run already in OUTPUT_DIR (checkpoints, metrics, final model, "
                  "reference cache) and start over",
-    "eval_examples": "eval loss before/after on the first N examples",
+    "eval_examples": "eval loss, entropy and token accuracy before/after on the first N "
+                     "examples",
     "log_with": "experiment tracker: auto (tensorboard when installed), none, or an "
                 "accelerate tracker",
+    "report": "at the end, write OUTPUT_DIR/report/: report.md and PNG plots of the run "
+              "(python -m iwsft_kernels.report; the plots need matplotlib)",
     "stop_after_steps": "stop after this many steps (after checkpointing), e.g. to test "
                         "--resume",
     "config": "YAML/JSON file of these options (keys with underscores); flags win",

@@ -4,7 +4,10 @@ template and mask everything but the assistant content.
 Accepted schemas (detected from the columns):
 - s1K-1.1: `question`, `{deepseek,gemini}_thinking_trajectory`, `{deepseek,gemini}_attempt`
   (grades are kept as metadata). Assistant text: "<think>\\n{trajectory}\\n</think>\\n\\n{attempt}".
-- generic chat: `messages` (list of {role, content}); every assistant turn is trained on.
+- generic chat: `messages` (list of {role, content}); every assistant turn is trained on,
+  except one marked `"weight": 0` (OpenAI's chat fine-tuning convention: an earlier worked
+  example in the prompt, context only); `weight` may be 0 or 1 (missing/null: 1), on
+  assistant messages only.
 - generic pair: `prompt` / `response`.
 Optional `quality` column (name configurable) >= 0; default 1.0.
 """
@@ -151,9 +154,18 @@ def to_messages(row: dict, schema: str, trace_source: str) -> list[dict]:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise TypeError("`messages` must be a non-empty list of {role, content}")
-        return [{"role": _text(m.get("role"), f"messages[{k}].role"),
-                 "content": _text(m.get("content"), f"messages[{k}].content")}
-                for k, m in enumerate(msgs)]
+        out = []
+        for k, m in enumerate(msgs):
+            role = _text(m.get("role"), f"messages[{k}].role")
+            out.append({"role": role, "content": _text(m.get("content"),
+                                                       f"messages[{k}].content")})
+            w = m.get("weight")  # datasets fills a key missing in some messages with None
+            if w is not None:
+                if isinstance(w, bool) or w not in (0, 1) or role != "assistant":
+                    raise DataError(f"message weight must be 0 or 1 and only on assistant "
+                                    f"messages; got weight {w!r} on a {role!r} message")
+                out[-1]["weight"] = int(w)
+        return out
     if schema == "pair":
         return [{"role": "user", "content": _text(row.get("prompt"), "`prompt`")},
                 {"role": "assistant", "content": _text(row.get("response"), "`response`")}]
@@ -190,12 +202,12 @@ def _short(row: dict, n: int = 200) -> str:
 # ----------------------------------------------------------------------------- tokenizing
 def tokenize_messages(tokenizer, messages: list[dict], max_length: int):
     """(input_ids, labels, truncated). Labels keep exactly the tokens of each assistant turn's
-    content and its end-of-turn marker; the assistant header ("<|im_start|>assistant\\n") and
+    content and its end-of-turn marker (turns with `"weight": 0` excepted); the assistant header ("<|im_start|>assistant\\n") and
     everything else is -100. Spans come from the rendered template and the tokenizer's offsets."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for k, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         prefix = tokenizer.apply_chat_template(messages[:k], tokenize=False,
                                                add_generation_prompt=True) if k else ""

@@ -22,10 +22,13 @@ import torch
 
 from .. import IWConfig
 from ..integrations import apply_iwsft_to_model
+from ..report import write_last_step_weights
 from .config import ASSETS, DEFAULT_MODEL, TrainConfig
 from .data import collate, load_records, tokenize_dataset
 from .distributed import (configure_deepspeed, describe, final_state_dict, make_accelerator,
                           model_freed, param_ndim, prepare_reference_model, sharding_report)
+from .metrics import (EVAL_KEYS, FUSED_OUTPUTS, OUTPUTS_KW, _to, evaluate, micro_stats,
+                      sequence_weights, step_metrics)
 from .refcache import compute_ref_logprobs, fingerprint_parts, model_identity
 from .sampler import StepSampler, rank_micro_batches
 
@@ -111,65 +114,6 @@ def _peak_mem_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB)
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def eval_nll(model, examples, pad_id, device, batch_size=8) -> float:
-    """Mean -log p over the target tokens of `examples` (same work on every rank)."""
-    was_training = model.training
-    model.eval()
-    tot, n = 0.0, 0
-    for j in range(0, len(examples), batch_size):
-        b = collate(examples[j:j + batch_size], pad_id)
-        b.pop("quality")
-        out = model(**_to(b, device), return_logprobs_only=True)
-        tot += -out.token_logprobs.double().sum().item()
-        n += int(out.num_targets)
-    model.train(was_training)
-    return tot / max(n, 1)
-
-
-# per-step metric accumulator: sums over micro-batches, then over ranks (gather)
-_SUMS = ("loss", "logp_sum", "targets", "tokens", "w_n", "w_sum", "w_sq", "clip_hi", "clip_lo",
-         "log_ratio_sum")
-
-
-def _micro_stats(out, batch, mode) -> torch.Tensor:
-    s = out.stats
-    n = float(s["num_sequences"] if mode == "sequence" else s["num_target_tokens"])
-    w_mean, ess = float(s["weight_mean"]), float(s["ess_fraction"])
-    w_sum = w_mean * n if n else 0.0
-    w_sq = (w_sum ** 2 / (ess * n)) if n and ess > 0 else 0.0
-    lr = float(s["log_ratio_mean"])
-    vals = [float(out.loss.detach()), float(out.token_logprobs.sum()), float(out.num_targets),
-            float(batch["attention_mask"].sum() if "attention_mask" in batch
-                  else batch["input_ids"].numel()),
-            n, w_sum, w_sq, float(s["clip_frac_max"]) * n, float(s["clip_frac_min"]) * n,
-            lr * n if n and math.isfinite(lr) else 0.0]
-    return torch.tensor(vals + [float(s["weight_min"]) if n else math.inf,
-                                float(s["weight_max"]) if n else -math.inf], dtype=torch.float64)
-
-
-def _step_metrics(rows: torch.Tensor) -> dict:
-    tot = dict(zip(_SUMS, rows[:, : len(_SUMS)].sum(0).tolist()))
-    n = tot["w_n"]
-    return {
-        "loss": tot["loss"],
-        "logp_mean": tot["logp_sum"] / max(tot["targets"], 1),
-        "weight_mean": tot["w_sum"] / n if n else float("nan"),
-        "weight_min": rows[:, -2].min().item(),
-        "weight_max": rows[:, -1].max().item(),
-        "ess_fraction": (tot["w_sum"] ** 2 / tot["w_sq"] / n) if n and tot["w_sq"] else float("nan"),
-        "clip_frac_max": tot["clip_hi"] / n if n else 0.0,
-        "clip_frac_min": tot["clip_lo"] / n if n else 0.0,
-        "log_ratio_mean": tot["log_ratio_sum"] / n if n else float("nan"),
-        "target_tokens": int(tot["targets"]),
-        "tokens": int(tot["tokens"]),
-    }
-
-
 def _save_checkpoint(accelerator, out_dir: Path, next_step: int, state: dict, keep: int) -> Path:
     """accelerator.save_state into a temp folder, then an atomic rename."""
     ck = out_dir / "checkpoints"
@@ -222,6 +166,7 @@ def train(cfg: TrainConfig) -> dict:
     say(describe(acc))
     set_seed(cfg.seed)
     iw = IWConfig(**cfg.iw_kwargs())
+    w_lo, w_hi = iw.bounds if iw.mode != "sft" else (None, None)  # recorded with the weights
     lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model == DEFAULT_MODEL else 1e-5)
 
     # 1. data
@@ -327,11 +272,15 @@ def train(cfg: TrainConfig) -> dict:
             start = state["next_step"]
             say(f"resumed from {ck} at step {start}")
     eval_set = examples[: cfg.eval_examples]
-    if "eval_before" not in state:
-        state["eval_before"] = eval_nll(model, eval_set, tok.pad_token_id, dev)
+    if "eval_before" not in state:  # the loss alone in checkpoints made before eval_metrics
+        ev = evaluate(model, eval_set, tok.pad_token_id, dev)
+        state["eval_before"], state["eval_before_metrics"] = ev["eval_loss"], ev
+    eval_before = state.get("eval_before_metrics", {"eval_loss": state["eval_before"]})
     if log_with not in (None, "none"):
         acc.init_trackers("iwsft", config={k: v for k, v in cfg.to_dict().items()
                                            if isinstance(v, (int, float, str, bool))})
+    if start == 0:  # the trackers get eval_* at step 0 and, with the last step's line, at the end
+        acc.log(eval_before, step=0)
 
     # 5. train
     stop = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
@@ -352,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         gidx = sampler.batch(step)
         D = sum(n_targets[i] for i in gidx)  # global target tokens of this optimizer step
-        rows, gnorm, lr_now = [], float("nan"), sched.get_last_lr()[0]
+        rows, seq_w, gnorm, lr_now = [], [], float("nan"), sched.get_last_lr()[0]
         for mb in rank_micro_batches(gidx, lengths, acc.process_index, world,
                                      cfg.micro_batch_size):
             with acc.accumulate(model):
@@ -361,9 +310,10 @@ def train(cfg: TrainConfig) -> dict:
                 if not cfg.quality_weight:
                     batch.pop("quality")
                 batch = _to(batch, dev)
-                out = model(**batch, num_items_in_batch=D)
+                out = model(**batch, num_items_in_batch=D, **{OUTPUTS_KW: FUSED_OUTPUTS})
                 acc.backward(out.loss * (cfg.grad_accum * world))
-                rows.append(_micro_stats(out, batch, iw.mode))
+                rows.append(micro_stats(out, batch, iw.mode))
+                seq_w += sequence_weights(out)
                 if acc.sync_gradients:
                     gn = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm
                                              if cfg.max_grad_norm > 0 else math.inf)
@@ -375,10 +325,19 @@ def train(cfg: TrainConfig) -> dict:
         allrows = acc.gather(local.to(dev)).cpu() if world > 1 else local
         dt = time.perf_counter() - t0
         m = {"step": step + 1, "epoch": (step + 1) / sampler.steps_per_epoch,
-             **_step_metrics(allrows), "lr": lr_now, "grad_norm": gnorm,
+             **step_metrics(allrows), "lr": lr_now, "grad_norm": gnorm,
              "step_time_s": dt, "peak_mem_gib": _peak_mem_gib(dev)}
         m["tokens_per_s"] = m["tokens"] / dt
+        if step + 1 == stop:  # the model the run ends with: its eval goes on its step's line
+            m.update(evaluate(model, eval_set, tok.pad_token_id, dev))
         history.append(m)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            seq_w = gather_object(seq_w)
+        if acc.is_main_process:
+            write_last_step_weights(out_dir, trainer="iwsft-train", step=step + 1, mode=iw.mode,
+                                    weights=seq_w, w_min=w_lo, w_max=w_hi)
         if acc.is_main_process:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -396,7 +355,7 @@ def train(cfg: TrainConfig) -> dict:
     # 6. final save + summary
     summary = {"output_dir": str(out_dir), "mode": iw.mode, "steps": stop, "total_steps": total,
                "data": data.report(), "eval_examples": len(eval_set),
-               "eval_loss_before": state["eval_before"]}
+               **{f"{k}_before": v for k, v in eval_before.items()}}
     if stop < total:
         summary["stopped_early"] = True
     else:
@@ -407,12 +366,16 @@ def train(cfg: TrainConfig) -> dict:
         if acc.is_main_process:
             tok.save_pretrained(final)
         summary["final_dir"] = str(final)
-    summary["eval_loss_after"] = eval_nll(model, eval_set, tok.pad_token_id, dev)
+    ev = m if EVAL_KEYS[0] in m else evaluate(model, eval_set, tok.pad_token_id, dev)
+    summary.update({f"{k}_after": ev[k] for k in EVAL_KEYS})
     if history:
         summary["train_loss_first"] = history[0]["loss"]
         summary["train_loss_last"] = history[-1]["loss"]
         summary["train_nll_first"] = -history[0]["logp_mean"]
         summary["train_nll_last"] = -history[-1]["logp_mean"]
+        for k in ("entropy", "mean_token_accuracy"):
+            summary[f"train_{k}_first"], summary[f"train_{k}_last"] = history[0][k], \
+                history[-1][k]
         summary["last_step"] = {k: history[-1][k] for k in (
             "weight_mean", "weight_min", "weight_max", "ess_fraction", "clip_frac_max",
             "clip_frac_min", "log_ratio_mean", "grad_norm", "lr")}
@@ -426,8 +389,28 @@ def train(cfg: TrainConfig) -> dict:
     acc.end_training()
     if acc.is_main_process:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if cfg.report:
+            _write_report(out_dir, summary)
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         say(format_summary(summary))
     return summary
+
+
+def _write_report(out_dir: Path, summary: dict) -> None:
+    """OUTPUT_DIR/report/ (report.md + PNGs; iwsft_kernels/report.py). A failure here is
+    reported, never raised: the run itself is done and saved."""
+    from .. import report
+
+    try:
+        md = report.write_report(out_dir)
+    except Exception as e:  # noqa: BLE001 - the report must not fail a finished run
+        summary["report_note"] = f"not written ({type(e).__name__}: {e})"
+        return
+    summary["report"] = str(md)
+    if not report._have_matplotlib():
+        summary["report_note"] = f"{md} (no plots: matplotlib is not installed; " \
+                                 f"{report.MATPLOTLIB_HINT})"
+        summary["report"] = None
 
 
 def format_summary(s: dict) -> str:
@@ -438,14 +421,27 @@ def format_summary(s: dict) -> str:
              f"  data:       {s['data']}",
              f"  eval loss:  {s['eval_loss_before']:.4f} before -> {s['eval_loss_after']:.4f} "
              f"after (mean NLL, {s['eval_examples']} examples)"]
+    if "eval_entropy_before" in s:
+        lines.append(f"  eval:       entropy {s['eval_entropy_before']:.4f} -> "
+                     f"{s['eval_entropy_after']:.4f}, token accuracy "
+                     f"{s['eval_mean_token_accuracy_before']:.2%} -> "
+                     f"{s['eval_mean_token_accuracy_after']:.2%}")
     if "train_loss_first" in s:
         ls = s["last_step"]
         lines += [f"  train loss: {s['train_loss_first']:.4f} first step -> "
                   f"{s['train_loss_last']:.4f} last step (weighted); unweighted NLL "
                   f"{s['train_nll_first']:.4f} -> {s['train_nll_last']:.4f}",
+                  f"  train:      entropy {s['train_entropy_first']:.4f} -> "
+                  f"{s['train_entropy_last']:.4f}, token accuracy "
+                  f"{s['train_mean_token_accuracy_first']:.2%} -> "
+                  f"{s['train_mean_token_accuracy_last']:.2%}",
                   f"  weights:    mean {ls['weight_mean']:.3f}  min {ls['weight_min']:.3f}  max "
                   f"{ls['weight_max']:.3f}  ESS {ls['ess_fraction']:.3f}  clipped high "
                   f"{ls['clip_frac_max']:.2%} low {ls['clip_frac_min']:.2%} (last step)",
                   f"  speed:      {s['tokens_per_s']:.0f} tokens/s"]
     lines.append(f"  peak mem:   {s['peak_mem_gib']:.2f} GiB")
+    if s.get("report"):
+        lines.append(f"  report:     {s['report']}  (plots: {Path(s['report']).parent})")
+    elif s.get("report_note"):
+        lines.append(f"  report:     {s['report_note']}")
     return "\n".join(lines)

@@ -11,7 +11,9 @@ Checked by `iwsft-train` before any work (cli.py):
 What a run writes in OUTPUT_DIR (loop.py): ``run_config.json`` (its options), ``metrics.jsonl``
 (one line per step), ``checkpoints/step-NNNNNNN/`` (``trainer_state.json`` inside; written to a
 temp folder and renamed), ``ref_logprobs/`` (default reference cache: ``batch-*.pt``,
-``complete``), ``final/``, ``summary.json``, tracker logs (``iwsft/``).
+``complete``), ``final/``, ``summary.json``, tracker logs (``iwsft/``),
+``last_step_weights.json`` (the last step's sequence weights) and ``report/`` (plots and
+report.md, iwsft_kernels/report.py).
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from pathlib import Path
 
 RUN_CONFIG = "run_config.json"
 # written by a run into OUTPUT_DIR (what --overwrite deletes)
-RUN_FILES = ("metrics.jsonl", "summary.json", RUN_CONFIG)
-RUN_DIRS = ("checkpoints", "final", "ref_logprobs", "iwsft")
+RUN_FILES = ("metrics.jsonl", "summary.json", RUN_CONFIG, "last_step_weights.json")
+RUN_DIRS = ("checkpoints", "final", "ref_logprobs", "iwsft", "report")
 # options that may differ between a run and its --resume (they do not change the steps)
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "config", "log_with",
                      "output_dir", "save_every", "keep_checkpoints", "ref_batch_size",
-                     "ref_cache", "eval_examples"}
+                     "ref_cache", "eval_examples", "report"}
 
 
 class RunDirError(ValueError):

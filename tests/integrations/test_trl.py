@@ -311,7 +311,8 @@ def test_accumulation_and_data_parallel_give_the_one_batch_update(tok, ref_dir, 
     assert_grads_close(res["grads"], out["one"][1], rtol=1e-5)
     one_log = out["one"][3].state.log_history[0]
     assert abs(res["log"]["loss"] - one_log["loss"]) < 1e-5 * one_log["loss"]
-    for k in ("iw/weight_mean", "iw/weight_max", "iw/ess_fraction", "num_tokens"):
+    for k in ("iw/weight_mean", "iw/weight_max", "iw/ess_fraction", "num_tokens", "entropy",
+              "mean_token_accuracy"):
         assert abs(res["log"][k] - one_log[k]) < 1e-5 * max(1.0, abs(one_log[k])), k
 
 

@@ -55,6 +55,36 @@ def test_multi_turn_messages_train_every_assistant_turn(tok):
     assert kept == "Hello.<|im_end|>\n4.<|im_end|>\n"
 
 
+def test_messages_weight_zero_turn_is_context(tok, tmp_path):
+    """OpenAI's convention: an assistant message with "weight": 0 is context (e.g. a worked
+    example in the prompt), not a target; 1 or missing: trained on."""
+    msgs = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2.",
+                                                 "weight": 0},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+    ids, labels, _ = tokenize_messages(tok, msgs, 4096)
+    assert tok.decode([i for i, y in zip(ids, labels) if y != IGNORE]) == "4.<|im_end|>\n"
+    full, full_labels, _ = tokenize_messages(tok, [{k: v for k, v in m.items() if k != "weight"}
+                                                   for m in msgs], 4096)
+    assert ids == full  # the weight changes the labels only, not the text
+    # through the file loader: datasets gives the other messages weight None (= 1)
+    rows = [{"messages": msgs}, {"messages": [dict(m, weight=1) if m["role"] == "assistant"
+                                              else m for m in msgs]}]
+    f = tmp_path / "w.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tokenize_dataset(load_records(str(f)), tok, max_length=4096)
+    n = lambda lab: sum(1 for y in lab[1:] if y != IGNORE)  # noqa: E731
+    assert n(labels) < n(full_labels)
+    assert [ex.n_targets for ex in data.examples] == [n(labels), n(full_labels)]
+    for bad, role in ((2, "assistant"), (0.5, "assistant"), (0, "user")):
+        m = [{"role": role, "content": "x", "weight": bad},
+             {"role": "assistant", "content": "y"}] if role == "user" else \
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y",
+                                                "weight": bad}]
+        f.write_text(json.dumps({"messages": m}) + "\n")
+        with pytest.raises(DataError, match="weight must be 0 or 1"):
+            tokenize_dataset(load_records(str(f)), tok, max_length=4096)
+
+
 def test_schemas_s1k_messages_pair(tok):
     out = tokenize_dataset(ds([s1k_row(i) for i in range(3)]), tok, max_length=512)
     assert len(out.examples) == 3 and out.examples[0].quality == 1.0

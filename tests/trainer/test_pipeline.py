@@ -97,9 +97,16 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     assert len(m1) == len(m2) == 2
     for r1, r2 in zip(m1, m2):
         assert r2["target_tokens"] == r1["target_tokens"]
-        for k in ("loss", "grad_norm", "weight_mean", "weight_max"):
+        for k in ("loss", "grad_norm", "weight_mean", "weight_max", "entropy",
+                  "mean_token_accuracy"):
             assert r2[k] == pytest.approx(r1[k], rel=1e-5), k
+    for k in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):  # after the last step
+        assert m2[1][k] == pytest.approx(m1[1][k], rel=1e-5), k
     assert m1[1]["weight_max"] != pytest.approx(1.0, abs=1e-6)  # step 2 is really weighted
+    # the last step's sequence weights: gathered from both ranks
+    w1, w2 = (json.loads((d / "last_step_weights.json").read_text()) for d in (one, two))
+    assert len(w1["weights"]) == len(w2["weights"]) == 4 and w2["step"] == 2
+    assert sorted(w2["weights"]) == pytest.approx(sorted(w1["weights"]), rel=1e-5)
     p1, p2 = params(one), params(two)
     for k in p1:
         torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6)
@@ -111,7 +118,8 @@ def test_bad_inputs_exit_with_clear_message(tmp_path, capsys):
     assert "model path does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "response": "b", "quality": -1.0}) + "\n")
-    assert main(SMALL + ["--data", str(bad), "--output-dir", out]) == 2
+    # the quality column is checked when the run uses it (here: --quality-weight)
+    assert main(SMALL + ["--data", str(bad), "--quality-weight", "--output-dir", out]) == 2
     assert "must be finite and >= 0" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
