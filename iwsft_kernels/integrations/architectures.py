@@ -213,7 +213,8 @@ _add(Arch(body="backbone", transform=_softcap("output_logit_soft_cap"),
 
 # the config type a text-only causal LM of a composite (multimodal) type ends up with, when it
 # is not a type of the mapping itself: model.config.model_type -> the mapping's type
-TEXT_ALIASES = {"emu3_text_model": "emu3", "mllama_text_model": "mllama"}
+TEXT_ALIASES = {"emu3_text_model": "emu3", "mllama_text_model": "mllama",
+                "musicgen_decoder": "musicgen", "musicgen_melody_decoder": "musicgen_melody"}
 
 # refusal reasons, by kind (docs/models.md groups the table by these)
 HEAD = "head"  # the output head is more than a plain Linear

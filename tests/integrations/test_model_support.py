@@ -237,3 +237,16 @@ def test_peft_heads(ms):
                                peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(UnsupportedModelError, match="modules_to_save"):
         apply_iwsft_to_model(lora.get_base_model())
+
+
+def test_refused_loss_and_interface_kinds(ms):
+    """The other two kinds: a model with its own loss (MusicGen's per-codebook heads) and one
+    whose forward is not a causal-LM training forward (a Gemma4 assistant / draft model)."""
+    dec = transformers.MusicgenDecoderConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, ffn_dim=32, num_codebooks=2)
+    assert arch.REFUSED["musicgen"][0] == arch.LOSS
+    with pytest.raises(UnsupportedModelError, match="codebook"):
+        check_model(transformers.MusicgenForCausalLM(dec))
+    assert arch.REFUSED["gemma4_unified_assistant"][0] == arch.INTERFACE
+    with pytest.raises(UnsupportedModelError, match="draft model"):
+        check_model(ms.build("gemma4_unified_assistant"))
