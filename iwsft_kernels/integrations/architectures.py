@@ -213,7 +213,8 @@ _add(Arch(body="backbone", transform=_softcap("output_logit_soft_cap"),
 
 # the config type a text-only causal LM of a composite (multimodal) type ends up with, when it
 # is not a type of the mapping itself: model.config.model_type -> the mapping's type
-TEXT_ALIASES = {"emu3_text_model": "emu3", "mllama_text_model": "mllama"}
+TEXT_ALIASES = {"emu3_text_model": "emu3", "mllama_text_model": "mllama",
+                "musicgen_decoder": "musicgen", "musicgen_melody_decoder": "musicgen_melody"}
 
 # refusal reasons, by kind (docs/models.md groups the table by these)
 HEAD = "head"  # the output head is more than a plain Linear
@@ -421,12 +422,28 @@ def _neutral(v) -> bool:
     return False
 
 
+def _is_modules_to_save(head) -> bool:
+    """PEFT's ModulesToSaveWrapper (``modules_to_save=["lm_head"]``): it runs either the
+    original Linear or the active adapter's trainable copy, and its ``weight`` / ``bias``
+    resolve to the one it runs."""
+    t = type(head)
+    return t.__name__ == "ModulesToSaveWrapper" and t.__module__.startswith("peft.")
+
+
 def _plain_linear(head) -> str | None:
+    if _is_modules_to_save(head):
+        inner = [head.original_module, *head.modules_to_save.values()]
+        whys = [w for w in map(_plain_linear, inner) if w]
+        return f"wraps a module that {whys[0]}" if whys else None
+    t = type(head)
+    hint = (" (an adapter / quantized layer: the fused loss needs the plain projection; LoRA "
+            "on lm_head is not supported, PEFT's modules_to_save=['lm_head'] is)"
+            if t.__module__.split(".")[0] in ("peft", "bitsandbytes") else "")
     if not isinstance(head, nn.Linear):
-        return f"is a {type(head).__name__}, not an nn.Linear"
-    if type(head).forward is not nn.Linear.forward:
-        return (f"is a {type(head).__name__} with its own forward (a LoRA / quantized layer?); "
-                f"the fused loss needs a plain nn.Linear (do not adapt the lm_head with LoRA)")
+        return f"is a {t.__module__}.{t.__qualname__}, not an nn.Linear{hint}"
+    if t.forward is not nn.Linear.forward:
+        return (f"is a {t.__module__}.{t.__qualname__} with its own forward, not a plain "
+                f"nn.Linear{hint or ' (a LoRA / quantized layer?)'}")
     if any(True for _ in head.children()):
         return "has submodules"
     extra = [n for n, _ in head.named_parameters(recurse=False) if n not in ("weight", "bias")]

@@ -131,7 +131,7 @@ def test_refused_config_and_class_conditions(ms):
             return super().forward(x) * 2
 
     m.lm_head = LoraLike(32, ms.V, bias=False)
-    with pytest.raises(UnsupportedModelError, match="plain nn.Linear"):
+    with pytest.raises(UnsupportedModelError, match="own forward, not a plain nn.Linear"):
         apply_iwsft_to_model(m)
     m = copy.deepcopy(base)
     m.lm_head = nn.Sequential(nn.Linear(32, ms.V))
@@ -219,3 +219,34 @@ def test_old_names_and_packed_moe_aux(ms):
         want = ref(input_ids=ids, position_ids=pos, output_router_logits=True, use_cache=False)
     torch.testing.assert_close(out.aux_loss, want.aux_loss)
     assert out.aux_loss > 0
+
+
+def test_peft_heads(ms):
+    """PEFT: modules_to_save=["lm_head"] (a trainable copy of a plain Linear) is accepted and
+    trains the copy; LoRA on lm_head (its own forward) is refused with the hint."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    pm = peft.get_peft_model(ms.build("llama"), cfg)
+    base = pm.get_base_model()
+    apply_iwsft_to_model(base, IWConfig(mode="sft"), backend="torch")
+    ids, mask, labels = ms.batch()
+    pm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    copy_w = base.lm_head.modules_to_save["default"].weight
+    assert copy_w.grad is not None and base.lm_head.original_module.weight.grad is None
+    lora = peft.get_peft_model(ms.build("llama"),
+                               peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(UnsupportedModelError, match="modules_to_save"):
+        apply_iwsft_to_model(lora.get_base_model())
+
+
+def test_refused_loss_and_interface_kinds(ms):
+    """The other two kinds: a model with its own loss (MusicGen's per-codebook heads) and one
+    whose forward is not a causal-LM training forward (a Gemma4 assistant / draft model)."""
+    dec = transformers.MusicgenDecoderConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, ffn_dim=32, num_codebooks=2)
+    assert arch.REFUSED["musicgen"][0] == arch.LOSS
+    with pytest.raises(UnsupportedModelError, match="codebook"):
+        check_model(transformers.MusicgenForCausalLM(dec))
+    assert arch.REFUSED["gemma4_unified_assistant"][0] == arch.INTERFACE
+    with pytest.raises(UnsupportedModelError, match="draft model"):
+        check_model(ms.build("gemma4_unified_assistant"))
