@@ -269,12 +269,16 @@ def prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, con
     return Prepared(N=N, S=S, idx=idx, y=y, seg=seg, ref=ref, quality=quality, D=D)
 
 
-def extra_fp32_buffers(backend: str, device, xf: LogitTransform) -> int:
+def extra_fp32_buffers(backend: str, device, xf: LogitTransform,
+                       shard: VocabShard | None = None) -> int:
     """Extra fp32 (m, V) buffers per chunk the backend's ops allocate under this transform
-    (the torch ops' dz/dr buffer when a softcap is on; 0 otherwise)."""
+    (the torch ops' dz/dr buffer when a softcap is on; 0 otherwise); shard: for the ops of a
+    vocabulary shard."""
     if xf.softcap is None:
         return 0
     ops = select_ops(backend, torch.device(device))
+    if shard is not None:
+        ops = VocabParallelOps(ops, shard)
     return int(getattr(ops, "softcap_extra_buffers", 0))
 
 
@@ -389,7 +393,7 @@ def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes,
         h = h.to(weight.dtype)
         b = None if bias is None else bias.detach().to(weight.dtype)
         rows = chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
-                              extra_fp32_buffers(be, hidden.device, xf), shard)
+                              extra_fp32_buffers(be, hidden.device, xf, shard), shard)
         ops = select_ops(be, hidden.device)
         if shard is not None:
             ops = VocabParallelOps(ops, shard)

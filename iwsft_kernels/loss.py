@@ -153,7 +153,8 @@ def _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, confi
                      ignore_index, normalizer, need_ref=config.needs_reference,
                      vocab_size=core.vocab_size(shard))
     chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
-                                     core.extra_fp32_buffers(be, hidden.device, xf), shard)
+                                     core.extra_fp32_buffers(be, hidden.device, xf, shard),
+                                     shard)
     want_entropy = "entropy" in outputs
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
@@ -231,6 +232,8 @@ class LinearIWSFTLoss(torch.nn.Module):
             s += f", z_loss={self.z_loss}"
         if self.outputs:
             s += f", outputs={self.outputs}"
+        if self.vocab_parallel is not None:
+            s += f", vocab_parallel={self.vocab_parallel}"
         return s
 
 
