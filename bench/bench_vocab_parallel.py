@@ -191,7 +191,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed steps (default 5; 3 quick)")
     ap.add_argument("--tp", default="1,2,3,4", help="tensor-parallel sizes (default 1,2,3,4)")
     ap.add_argument("--out", default=None, help="output stem under bench/results/")
+    ap.add_argument("--render", metavar="JSON", help="only redraw the .md of a result file")
     a = ap.parse_args(argv)
+    if a.render:
+        d = json.loads(Path(a.render).read_text())
+        Path(a.render).with_suffix(".md").write_text(render(d["meta"], d["rows"]))
+        return
     n = a.n or (128 if a.quick else 512)
     reps = a.reps or (3 if a.quick else 5)
     sizes = [int(v) for v in a.tp.split(",")]
@@ -215,32 +220,44 @@ def main(argv=None):
     load = os.getloadavg()
     meta = dict(date=_dt.date.today().isoformat(), machine=platform.processor() or
                 platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
-                H=H, V=V, N=n, reps=reps, mode="token", dtype="float32",
+                H=H, V=V, N=n, reps=reps, mode="token", dtype="float32", quick=a.quick,
                 loadavg_end=load, wall_s=round(time.time() - t_start, 1))
     stem = a.out or f"vocab-parallel-cpu-{meta['date']}" + ("-quick" if a.quick else "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (RESULTS / f"{stem}.md").write_text(render(meta, rows))
+    print(f"wrote {RESULTS / stem}.{{json,md}} ({meta['wall_s']:.0f} s)")
+
+
+def render(meta, rows) -> str:
+    """The Markdown table of a result (``--render JSON`` redraws it from the file)."""
+    base = rows[0]
+    bmin = min(base["times_s"])
+    quick = meta.get("quick", meta["N"] == 128)
     md = [f"# Vocabulary-parallel loss on CPU ranks ({meta['date']})", "",
           f"CPU-RANK TIMINGS on {meta['cpus']} cores (gloo over localhost), not GPU scaling. "
-          f"Qwen2.5-0.5B head H = {H}, V = {V:,}, N = {n} target rows, fp32, token mode, "
-          f"forward + backward, median of {reps} steps of the slowest rank; torch "
-          f"{meta['torch']}; load average at the end {load[0]:.1f}; run took "
+          f"Qwen2.5-0.5B head H = {meta['H']}, V = {meta['V']:,}, N = {meta['N']} target rows, "
+          f"fp32, token mode, forward + backward, {meta['reps']} steps of the slowest rank "
+          f"per configuration, configurations timed in turn; torch {meta['torch']}; load "
+          f"average at the end {meta['loadavg_end'][0]:.1f} on {meta['cpus']} cores; run took "
           f"{meta['wall_s']:.0f} s. Command: `python -m bench.bench_vocab_parallel"
-          + (" --quick" if a.quick else "") + "`.", "",
-          "| config | threads/rank | ms/step (median) | steps (ms) | x tp=1 | "
+          + (" --quick" if quick else "") + "`. Under load the steps spread up to 2-3x: the "
+          "minimum (the step least disturbed by other jobs) is the steadier comparison.", "",
+          "| config | threads/rank | steps (ms) | median ms | x tp=1 | min ms | x tp=1 (min) | "
           "all_reduce B/row/rank | all_gather B/row/rank | W + dW MiB/rank | "
           "logits chunk MiB/rank |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r["comm_bytes_per_row_per_rank"]
         m = r["memory_mib_per_rank"]
-        md.append(f"| {r['config']} | {r['threads_per_rank']} | {r['median_s'] * 1e3:.0f} | "
+        tmin = min(r["times_s"])
+        md.append(f"| {r['config']} | {r['threads_per_rank']} | "
                   + ", ".join(f"{t * 1e3:.0f}" for t in r["times_s"])
-                  + f" | {r['ratio_to_tp1']:.2f} | {c.get('all_reduce', 0):.1f} | "
+                  + f" | {r['median_s'] * 1e3:.0f} | {r['ratio_to_tp1']:.2f} | "
+                  f"{tmin * 1e3:.0f} | {tmin / bmin:.2f} | {c.get('all_reduce', 0):.1f} | "
                   f"{c.get('all_gather', 0):.2f} | {m['weight'] + m['grad_weight']:.0f} | "
                   f"{m['logits_chunk']:.0f} |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {RESULTS / stem}.{{json,md}} ({meta['wall_s']:.0f} s)")
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":
