@@ -14,11 +14,11 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "iwsft_kernels"
 
 # layer of each module (lower number = lower in the stack); a module may import only modules of
-# a strictly lower layer, or leaf helpers (config, weights, reference) that import nothing above.
+# a strictly lower layer, or leaf helpers (config, weights, oracle) that import nothing above.
 LAYERS = {
     "iwsft_kernels.config": 0,
     "iwsft_kernels.weights": 1,
-    "iwsft_kernels.reference": 1,
+    "iwsft_kernels.oracle": 1,
     "iwsft_kernels.backends": 2,
     "iwsft_kernels.core": 3,
     "iwsft_kernels.ops": 4,
