@@ -19,6 +19,8 @@ LAYERS = {
     "iwsft_kernels.config": 0,
     "iwsft_kernels.weights": 1,
     "iwsft_kernels.oracle": 1,
+    # the reference-log-prob cache (pass, fingerprints, store) of both trainers
+    "iwsft_kernels.refcache": 1,
     "iwsft_kernels.backends": 2,
     "iwsft_kernels.core": 3,
     "iwsft_kernels.ops": 4,

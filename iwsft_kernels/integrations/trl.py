@@ -68,7 +68,7 @@ from packaging.version import Version
 from ..config import IWConfig
 from ..report import write_last_step_weights
 from ..trainer.metrics import FUSED_OUTPUTS, OUTPUTS_KW, sequences_with_targets
-from ..trainer.refcache import (  # noqa: F401 - weights_digest, strided_indices: public here
+from ..refcache import (  # noqa: F401 - weights_digest, strided_indices: public here
     RefCacheMismatch,
     compute_ref_logprobs,
     strided_indices,
