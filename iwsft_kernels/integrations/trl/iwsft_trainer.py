@@ -447,6 +447,13 @@ class IWSFTTrainer(SFTTrainer):
                     f"diverged; lower learning_rate or clip gradients)")
         super().save_model(output_dir, _internal_call)
 
+    def _save_checkpoint(self, model, trial):
+        if self._iw_nonfinite_streak:  # the model is suspect; keep the checkpoints before it
+            logger.warning(f"IWSFTTrainer: no checkpoint at step {self.state.global_step}: its "
+                           f"loss or gradient was not finite")
+            return
+        super()._save_checkpoint(model, trial)
+
 
 class _NonFiniteSteps(TrainerCallback):
     """Runs :meth:`IWSFTTrainer._check_step` before each optimizer step."""
