@@ -116,4 +116,4 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_training(tok, tmp_path):  
         tr.save_model(str(tmp_path / "final"))
     assert not (tmp_path / "final").exists()
     with pytest.raises(ValueError, match="max_nonfinite_steps"):
-        IWSFTConfig(**common_args(tmp_path), max_nonfinite_steps=0)
+        IWSFTConfig(**common_args(tmp_path), max_nonfinite_steps=-1)

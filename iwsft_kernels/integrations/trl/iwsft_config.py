@@ -30,7 +30,8 @@ class IWSFTConfig(SFTConfig):
     iw_backend: "auto" | "triton" | "torch" (the loss kernels; auto: Triton on CUDA).
     max_nonfinite_steps: an optimizer step whose loss (any micro-batch, any rank) or gradients
         are not finite makes no update and is counted (logged as ``nonfinite_steps``); this many
-        in a row stop training with a RuntimeError (docs/trl.md, "Non-finite steps").
+        in a row stop training with a RuntimeError (0 or 1: the first one; docs/trl.md,
+        "Non-finite steps"). Same name and default as ``iwsft-train --max-nonfinite-steps``.
     """
 
     iw_mode: str = field(default="sequence", metadata={
@@ -59,7 +60,7 @@ class IWSFTConfig(SFTConfig):
         "choices": ["auto", "triton", "torch"]})
     max_nonfinite_steps: int = field(default=3, metadata={
         "help": "Optimizer steps with a non-finite loss or gradient are skipped (no update) and "
-                "counted; this many in a row stop training with an error."})
+                "counted; this many in a row stop training with an error (0 or 1: the first)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,8 +69,8 @@ class IWSFTConfig(SFTConfig):
             raise ValueError(f"iw_backend must be 'auto', 'triton' or 'torch', got "
                              f"{self.iw_backend!r}")
         n = self.max_nonfinite_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"IWSFTConfig: max_nonfinite_steps must be an int >= 1, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"IWSFTConfig: max_nonfinite_steps must be an int >= 0, got {n!r}")
         if self.loss_type not in ("nll", "chunked_nll"):  # both mean plain NLL in TRL
             raise ValueError(
                 f"IWSFTConfig: loss_type={self.loss_type!r} cannot be honoured, IWSFTTrainer "

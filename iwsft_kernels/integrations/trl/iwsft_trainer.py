@@ -414,7 +414,7 @@ class IWSFTTrainer(SFTTrainer):
         what = " and ".join(k for k, f in zip(("loss", "gradient"), flags.tolist()) if f)
         step, n, limit = self.state.global_step + 1, self._iw_nonfinite_streak, \
             self.args.max_nonfinite_steps
-        if n < limit and not self.is_deepspeed_enabled:
+        if n < max(limit, 1) and not self.is_deepspeed_enabled:
             logger.warning(f"IWSFTTrainer: step {step}: non-finite {what}; the step makes no "
                            f"update ({n} in a row, {self._iw_nonfinite_total} in all; "
                            f"max_nonfinite_steps={limit})")
@@ -430,9 +430,9 @@ class IWSFTTrainer(SFTTrainer):
         raise RuntimeError(
             f"IWSFTTrainer: the training diverged: non-finite {what} at step {step}; {why}. "
             f"Training stopped; a model with non-finite parameters is never saved. Last "
-            f"checkpoint: {last or 'none'}. Lower learning_rate (it is "
-            f"{self._get_learning_rate():.3g}), clip gradients (max_grad_norm > 0) or check "
-            f"the data.")
+            f"checkpoint: {last or 'none'}. Lower learning_rate (now "
+            f"{self._get_learning_rate():.3g}), clip gradients (max_grad_norm, now "
+            f"{self.args.max_grad_norm}) or check the data.")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """``Trainer.save_model`` (checkpoints and the final model), refusing a model with a
@@ -444,7 +444,7 @@ class IWSFTTrainer(SFTTrainer):
                 raise RuntimeError(
                     f"IWSFTTrainer: not saving to {output_dir or self.args.output_dir}: parameter "
                     f"{name} is not finite after step {self.state.global_step} (the training "
-                    f"diverged; lower learning_rate or clip gradients)")
+                    f"diverged; lower learning_rate or clip gradients with max_grad_norm)")
         super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial):
