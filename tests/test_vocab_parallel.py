@@ -33,10 +33,7 @@ import torch
 
 from conftest import BACKENDS
 
-try:  # the float64 oracle (being renamed reference.py -> oracle.py)
-    from iwsft_kernels.oracle import reference_iwsft
-except ImportError:
-    from iwsft_kernels.reference import reference_iwsft
+from iwsft_kernels.oracle import oracle_iwsft
 
 PATHS = ["torch+native", "torch"] + (["triton"] if "triton" in BACKENDS else [])
 WORLDS = (2, 4)
@@ -124,7 +121,7 @@ def _oracle(inp, grad_scale=1.7, config=None, cu_seqlens=None, quality=None, log
     W = inp["weight"].double().requires_grad_()
     b = inp.get("bias")
     b = None if b is None else b.double().requires_grad_()
-    o = reference_iwsft(h, W, inp["labels"], inp.get("ref_logprobs"), bias=b,
+    o = oracle_iwsft(h, W, inp["labels"], inp.get("ref_logprobs"), bias=b,
                         config=config or IWConfig(), cu_seqlens=cu_seqlens, quality=quality,
                         logit_softcap=logit_softcap, logit_scale=logit_scale, z_loss=z_loss)
     (o["loss"] * grad_scale).backward()
