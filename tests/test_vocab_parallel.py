@@ -448,6 +448,14 @@ def case_errors(ck, rank, world, gen, path):
     bad = inp["labels"].clone()
     bad[0] = V
     _expect_error(ck, "label beyond V", ValueError, f"[0, {V})", call(s, e, labels=bad))
+    # one rank's inputs rejected (a bias of the wrong length on rank 0): every rank raises,
+    # rank 0 its own error, the others name it (nobody waits in a collective)
+    bias = torch.zeros(e - s + (1 if rank == 0 else 0))
+    _expect_error(ck, "one rank rejected", ValueError,
+                  "bias must have shape" if rank == 0 else "ranks [0] of the vocabulary",
+                  lambda: linear_iwsft_loss(inp["hidden"], inp["weight"][s:e], inp["labels"],
+                                            bias=bias, config=cfg, backend=be,
+                                            vocab_parallel=VocabParallel(None, s, e)))
     more = inp["labels"].clone()
     if rank == 0:
         more[1] = -100
