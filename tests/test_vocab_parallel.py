@@ -312,6 +312,14 @@ def case_megatron_ranges(ck, rank, world, gen, path):
     vo, vg = _run(inp, be, s, e, VocabParallel(None, s, e), config=cfg, outputs=outs)
     oo, og = _run(inp, be, config=cfg, outputs=outs)
     _compare(ck, "ranges", vo, vg, oo, og, s, e, 2e-5, _oracle(inp, config=cfg), 1e-4, outs)
+    # the nn.Module form
+    from iwsft_kernels import LinearIWSFTLoss
+
+    mod = LinearIWSFTLoss(cfg, backend=be, vocab_parallel=VocabParallel(None, s, e))
+    ck.true("LinearIWSFTLoss: vocab_parallel not in its repr", "vocab_parallel" in repr(mod))
+    mo = mod(inp["hidden"], inp["weight"][s:e], inp["labels"], inp["ref_logprobs"],
+             bias=inp["bias"][s:e])
+    ck.close("LinearIWSFTLoss loss vs 1 rank", mo.loss, oo.loss, 2e-5)
     # sequence_parallel: this rank's partial dH; their sum is dH
     vo2, vg2 = _run(inp, be, s, e, VocabParallel(None, s, e, sequence_parallel=True),
                     config=cfg)
