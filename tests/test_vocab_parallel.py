@@ -418,6 +418,52 @@ def case_dtensor(ck, rank, world, gen, path):
             vocab_parallel=kw.get("vocab_parallel")))
 
 
+def case_fsdp2_x_tp(ck, rank, world, gen, path):
+    """A 2-D mesh (dp 2 x tp 2, 4 ranks): lm_head ColwiseParallel on "tp", then FSDP2
+    (fully_shard) over "dp". The unsharded lm_head weight is a DTensor Shard(0) on the tp mesh:
+    detected; loss and gradients (the FSDP-sharded weight grad gathered) equal one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from iwsft_kernels import IWConfig, linear_iwsft_loss
+
+    be = _set_path(path)
+    H, V, N = 8, 37, 10
+    cfg = IWConfig(mode="token")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(H, H)
+            self.lm_head = torch.nn.Linear(H, V, bias=False)
+
+        def forward(self, x, y, ref):
+            return linear_iwsft_loss(self.body(x), self.lm_head.weight, y, ref, config=cfg,
+                                     backend=be).loss
+
+    torch.manual_seed(int(torch.randint(0, 2**30, (1,), generator=gen)))
+    model, single = Model(), Model()
+    single.load_state_dict(model.state_dict())
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel()})
+    fully_shard(model.lm_head, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    x = torch.randn(N, H, generator=gen)
+    y = torch.randint(0, V, (N,), generator=gen)
+    ref = -torch.rand(N, generator=gen) - 3.0
+    model.lm_head.unshard()  # its module is not called: gather it for the loss
+    loss = model(x, y, ref)
+    (loss * 1.7).backward()
+    one = single(x, y, ref)
+    (one * 1.7).backward()
+    ck.close("fsdp2 x tp loss", loss, one, 1e-5)
+    ck.close("fsdp2 x tp lm_head grad", model.lm_head.weight.grad.full_tensor(),
+             single.lm_head.weight.grad, 1e-5)
+    ck.close("fsdp2 x tp body grad", model.body.weight.grad.full_tensor(),
+             single.body.weight.grad, 1e-5)
+
+
 def _expect_error(ck, what, exc, needle, fn):
     try:
         fn()
@@ -478,7 +524,8 @@ def case_errors(ck, rank, world, gen, path):
 
 CASES = {f.__name__[5:]: f for f in (case_modes, case_transforms_zloss,
                                      case_peaked_argmax_on_rank0, case_tied_max_across_ranks,
-                                     case_megatron_ranges, case_dtensor, case_errors)}
+                                     case_megatron_ranges, case_dtensor, case_errors,
+                                     case_fsdp2_x_tp)}
 
 
 def _plan(world):
@@ -486,10 +533,15 @@ def _plan(world):
     ranks (4 processes on the CI's 2 cores) the pure torch path is left out (a sharded chunk
     runs the same torch epilogue under the native backend, which stays) and the slow Triton
     interpreter runs only the cases whose 4-rank layout differs in kind (uneven / empty
-    shards, every arg-max on one rank)."""
-    return [(c, p) for p in PATHS for c in CASES
-            if world == 2 or p == "torch+native"
-            or (p == "triton" and c in ("megatron_ranges", "peaked_argmax_on_rank0", "errors"))]
+    shards, every arg-max on one rank). The FSDP2 x TP case needs 4 ranks (a 2 x 2 mesh)."""
+
+    def wanted(c, p):
+        if c == "fsdp2_x_tp":  # needs a 2 x 2 mesh
+            return world == 4 and p == "torch+native"
+        return world == 2 or p == "torch+native" or (
+            p == "triton" and c in ("megatron_ranges", "peaked_argmax_on_rank0", "errors"))
+
+    return [(c, p) for p in PATHS for c in CASES if wanted(c, p)]
 
 
 def _worker(rank, world, store, outdir):
