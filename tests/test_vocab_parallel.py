@@ -462,6 +462,19 @@ def case_fsdp2_x_tp(ck, rank, world, gen, path):
              single.lm_head.weight.grad, 1e-5)
     ck.close("fsdp2 x tp body grad", model.body.weight.grad.full_tensor(),
              single.body.weight.grad, 1e-5)
+    # a weight on the 2-D mesh itself: (Replicate, Shard(0)) is the tp dimension's shard;
+    # sharded on both dimensions is refused
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    W = single.lm_head.weight.detach()
+    h = single.body(x).detach()
+    Wd = distribute_tensor(W, mesh, [Replicate(), Shard(0)])
+    got = linear_iwsft_loss(h, Wd, y, ref, config=cfg, backend=be).loss
+    want = linear_iwsft_loss(h, W, y, ref, config=cfg, backend=be).loss
+    ck.close("2-D mesh (Replicate, Shard(0)) loss", got, want, 1e-6)
+    W2 = distribute_tensor(W, mesh, [Shard(0), Shard(0)])
+    _expect_error(ck, "2-D mesh sharded twice", ValueError, "exactly one mesh dimension",
+                  lambda: linear_iwsft_loss(h, W2, y, ref, config=cfg, backend=be))
 
 
 def _expect_error(ck, what, exc, needle, fn):
