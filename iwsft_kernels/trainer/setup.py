@@ -5,6 +5,7 @@ The result is one :class:`Run`, which the steps (step.py), the checkpoints and t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -26,6 +27,7 @@ from .loading import (ModelLoadError, check_model_name, load_model, load_tokeniz
 from .metrics import evaluate
 from .refcache import compute_ref_logprobs, fingerprint_parts
 from .sampler import StepSampler
+from .step import FIRST_STEP_KEYS
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Run:
     iw: IWConfig
     log_with: str | None
     t_start: float
+    lr: float = 0.0  # peak learning rate
     identity: str = ""  # the starting model's identity (reference cache fingerprint)
     tok: object = None
     data: TokenizedData | None = None
@@ -85,6 +88,34 @@ def _log_with(cfg: TrainConfig) -> str | None:
     return None if cfg.log_with == "none" else cfg.log_with
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of --lr: linear
+    warmup over the first `warmup` steps that never uses 0 (step k of the run, counted from 1,
+    gets k / (warmup + 1)), then cosine decay from 1 at step warmup + 1 towards 0 at the end
+    (the last step keeps a small positive rate)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(opt, warmup: int, total: int):
+    """LambdaLR of :func:`warmup_cosine` (a partial: its state_dict round-trips through
+    checkpoints)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(warmup_cosine, warmup=warmup, total=total))
+
+
+def rescale_lr(sched, lr: float) -> None:
+    """A loaded schedule continued at another peak rate `lr` (--resume with another --lr): the
+    same shape, scaled (the optimizer's current rates too)."""
+    for g, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        g["lr"] = lr * fn(sched.last_epoch)
+        g["initial_lr"] = lr
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Accelerator, data, policy + optimizer, reference log-probs, resume state, eval before."""
     from accelerate.utils import set_seed
@@ -128,8 +159,6 @@ def load_data(r: Run) -> None:
 def build_policy(r: Run) -> None:
     """The policy (patched), the sampler, AdamW (no decay on norms and biases), accelerate's
     prepare, and the learning-rate schedule."""
-    from transformers import get_cosine_schedule_with_warmup
-
     cfg, acc = r.cfg, r.acc
     model, r.identity = load_model(cfg.model, cfg)
     if len(r.tok) > model.config.vocab_size:
@@ -141,7 +170,8 @@ def build_policy(r: Run) -> None:
                             if cfg.sampling == "quality" else None)
     r.total = cfg.max_steps or cfg.epochs * r.sampler.steps_per_epoch
     r.stop = min(r.total, cfg.stop_after_steps) if cfg.stop_after_steps else r.total
-    lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model == DEFAULT_MODEL else 1e-5)
+    r.lr = lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.model == DEFAULT_MODEL
+                                                    else 1e-5)
     decay = [p for p in model.parameters() if param_ndim(p) >= 2]  # matrices; not norms/biases
     no_decay = [p for p in model.parameters() if param_ndim(p) < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -150,8 +180,7 @@ def build_policy(r: Run) -> None:
     configure_deepspeed(acc, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     r.model, r.opt = acc.prepare(model, opt)
     # after prepare: DeepSpeed rebuilds the optimizer's param groups
-    r.sched = get_cosine_schedule_with_warmup(r.opt, math.ceil(cfg.warmup_ratio * r.total),
-                                              r.total)
+    r.sched = lr_schedule(r.opt, math.ceil(cfg.warmup_ratio * r.total), r.total)
     acc.register_for_checkpointing(r.sched)  # stepped by hand: once per optimizer step
     r.dist_report = sharding_report(acc, r.model)
     r.say(f"policy: {r.dist_report['param_mib_per_rank']:.1f} MiB of parameters per rank (full "
@@ -201,6 +230,11 @@ def resume_or_start(r: Run) -> None:
     acc = r.acc
     if r.cfg.resume:
         r.start, r.state = load_latest(acc, r.out_dir, r.say)
+        old = r.sched.base_lrs[0]
+        if r.start and any(b != r.lr for b in r.sched.base_lrs):
+            rescale_lr(r.sched, r.lr)
+            r.say(f"--resume: peak learning rate {old:g} -> {r.lr:g} "
+                  f"from step {r.start + 1} (same schedule, scaled)")
     if "eval_before" not in r.state:  # the loss alone in checkpoints made before eval_metrics
         ev = evaluate(r.model, r.eval_set, r.tok.pad_token_id, acc.device)
         r.state["eval_before"], r.state["eval_before_metrics"] = ev["eval_loss"], ev
@@ -216,3 +250,7 @@ def resume_or_start(r: Run) -> None:
         kept = [line for line in (f.read_text().splitlines() if f.exists() else [])
                 if line.strip() and json.loads(line)["step"] <= r.start]
         f.write_text("".join(line + "\n" for line in kept))
+        if kept and "first_step" not in r.state:  # a checkpoint made before it was kept
+            first = json.loads(kept[0])
+            if first["step"] == 1:
+                r.state["first_step"] = {k: first[k] for k in FIRST_STEP_KEYS if k in first}

@@ -18,8 +18,13 @@ import torch
 
 from ..report import write_last_step_weights
 from .data import collate
+from .guard import step_is_nonfinite
 from .metrics import FUSED_OUTPUTS, OUTPUTS_KW, _to, micro_stats, sequence_weights, step_metrics
 from .sampler import rank_micro_batches
+
+
+# what the summary reports of the run's first step (trainer_state.json keeps it for --resume)
+FIRST_STEP_KEYS = ("step", "loss", "logp_mean", "entropy", "mean_token_accuracy")
 
 
 def peak_mem_gib(device) -> float:
@@ -30,13 +35,14 @@ def peak_mem_gib(device) -> float:
 
 def train_step(r, step: int) -> tuple[dict, list[float]]:
     """Forward/backward over this rank's micro-batches of step `step` (0-based), clip, AdamW
-    step, scheduler step. Returns the step's metrics (reduced over micro-batches and ranks) and
+    step (skipped when the step is non-finite: guard.py), scheduler step. Returns the step's metrics (reduced over micro-batches and ranks) and
     this rank's sequence weights."""
     cfg, acc, model, dev = r.cfg, r.acc, r.model, r.acc.device
     t0 = time.perf_counter()
     gidx = r.sampler.batch(step)
     D = sum(r.examples[i].n_targets for i in gidx)  # global target tokens of this step
     rows, seq_w, gnorm, lr_now = [], [], float("nan"), r.sched.get_last_lr()[0]
+    nonfinite = False
     for mb in rank_micro_batches(gidx, r.lengths, acc.process_index, r.world,
                                  cfg.micro_batch_size):
         with acc.accumulate(model):
@@ -49,18 +55,24 @@ def train_step(r, step: int) -> tuple[dict, list[float]]:
             acc.backward(out.loss * (cfg.grad_accum * r.world))
             rows.append(micro_stats(out, batch, r.iw.mode))
             seq_w += sequence_weights(out)
-            if acc.sync_gradients:
+            if acc.sync_gradients:  # the step's last micro-batch (accelerate: no-op before)
                 gn = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm
                                          if cfg.max_grad_norm > 0 else math.inf)
                 gnorm = float(gn) if gn is not None else float("nan")  # None: DeepSpeed
-            r.opt.step()
-            r.opt.zero_grad()
-    r.sched.step()
+                nonfinite = step_is_nonfinite(acc, rows, None if gn is None else gnorm)
+                if not nonfinite:  # guard.py: a non-finite step is skipped
+                    r.opt.step()
+                r.opt.zero_grad()
+    r.sched.step()  # also after a skipped step: the schedule follows the step number
+    streak = r.state.get("nonfinite_streak", 0) + 1 if nonfinite else 0
+    r.state["nonfinite_streak"] = streak
+    r.state["nonfinite_steps"] = r.state.get("nonfinite_steps", 0) + int(nonfinite)
     local = torch.stack(rows)
     allrows = acc.gather(local.to(dev)).cpu() if r.world > 1 else local
     dt = time.perf_counter() - t0
     m = {"step": step + 1, "epoch": (step + 1) / r.sampler.steps_per_epoch,
          **step_metrics(allrows), "lr": lr_now, "grad_norm": gnorm,
+         "nonfinite": nonfinite, "nonfinite_steps": r.state["nonfinite_steps"],
          "step_time_s": dt, "peak_mem_gib": peak_mem_gib(dev)}
     m["tokens_per_s"] = m["tokens"] / dt
     return m, seq_w
@@ -71,6 +83,8 @@ def record_step(r, m: dict, seq_w: list[float]) -> None:
     gathered from every rank)."""
     acc = r.acc
     r.history.append(m)
+    if m["step"] == 1:  # kept in the checkpoints: the summary's "first step" after a resume
+        r.state["first_step"] = {k: m[k] for k in FIRST_STEP_KEYS}
     if r.world > 1:
         from accelerate.utils import gather_object
 

@@ -22,16 +22,21 @@ def build_summary(r, ev: dict, final_dir: Path | None) -> dict:
         s["final_dir"] = str(final_dir)
     s.update({f"{k}_after": ev[k] for k in EVAL_KEYS})
     if h:
-        s["train_loss_first"] = h[0]["loss"]
+        # the run's step 1, also after --resume (kept in trainer_state.json); else the first
+        # step this invocation ran (train_first_step says which)
+        first = r.state.get("first_step") or h[0]
+        s["train_first_step"] = first["step"]
+        s["train_loss_first"] = first["loss"]
         s["train_loss_last"] = h[-1]["loss"]
-        s["train_nll_first"] = -h[0]["logp_mean"]
+        s["train_nll_first"] = -first["logp_mean"]
         s["train_nll_last"] = -h[-1]["logp_mean"]
         for k in ("entropy", "mean_token_accuracy"):
-            s[f"train_{k}_first"], s[f"train_{k}_last"] = h[0][k], h[-1][k]
+            s[f"train_{k}_first"], s[f"train_{k}_last"] = first[k], h[-1][k]
         s["last_step"] = {k: h[-1][k] for k in (
             "weight_mean", "weight_min", "weight_max", "ess_fraction", "clip_frac_max",
             "clip_frac_min", "log_ratio_mean", "grad_norm", "lr")}
         s["tokens_per_s"] = sum(x["tokens"] for x in h) / sum(x["step_time_s"] for x in h)
+    s["nonfinite_steps"] = r.state.get("nonfinite_steps", 0)  # skipped (guard.py)
     s["peak_mem_gib"] = peak_mem_gib(r.acc.device)
     s["distributed"] = r.dist_report
     if r.ref_report is not None:
@@ -69,7 +74,8 @@ def write_report(out_dir: Path, summary: dict) -> None:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"iw-SFT ({s['mode']}) finished {s['steps']}/{s['total_steps']} steps in "
+    how = "diverged at step" if s.get("diverged") else "finished"
+    lines = [f"iw-SFT ({s['mode']}) {how} {s['steps']}/{s['total_steps']} steps in "
              f"{s['wall_s']:.1f} s",
              f"  outputs:    {s['output_dir']}  (metrics.jsonl, checkpoints/, summary.json"
              + (f", final model: {s['final_dir']})" if "final_dir" in s else ")"),
@@ -83,7 +89,9 @@ def format_summary(s: dict) -> str:
                      f"{s['eval_mean_token_accuracy_after']:.2%}")
     if "train_loss_first" in s:
         ls = s["last_step"]
-        lines += [f"  train loss: {s['train_loss_first']:.4f} first step -> "
+        n1 = s.get("train_first_step", 1)
+        first = "first step" if n1 == 1 else f"step {n1}"
+        lines += [f"  train loss: {s['train_loss_first']:.4f} {first} -> "
                   f"{s['train_loss_last']:.4f} last step (weighted); unweighted NLL "
                   f"{s['train_nll_first']:.4f} -> {s['train_nll_last']:.4f}",
                   f"  train:      entropy {s['train_entropy_first']:.4f} -> "
@@ -94,6 +102,11 @@ def format_summary(s: dict) -> str:
                   f"{ls['weight_max']:.3f}  ESS {ls['ess_fraction']:.3f}  clipped high "
                   f"{ls['clip_frac_max']:.2%} low {ls['clip_frac_min']:.2%} (last step)",
                   f"  speed:      {s['tokens_per_s']:.0f} tokens/s"]
+    if s.get("nonfinite_steps"):
+        lines.append(f"  non-finite: {s['nonfinite_steps']} steps with a NaN/inf loss or gradient "
+                     f"norm, skipped (metrics.jsonl: nonfinite)")
+    if s.get("diverged"):
+        lines.append(f"  DIVERGED:   {s['diverged']}; no final model saved")
     lines.append(f"  peak mem:   {s['peak_mem_gib']:.2f} GiB")
     if s.get("report"):
         lines.append(f"  report:     {s['report']}  (plots: {Path(s['report']).parent})")
