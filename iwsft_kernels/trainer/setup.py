@@ -19,7 +19,7 @@ from .. import IWConfig
 from ..integrations import apply_iwsft_to_model
 from .checkpoint import load_latest
 from .config import ASSETS, DEFAULT_MODEL, TrainConfig
-from .data import TokenizedData, load_records, tokenize_dataset
+from .data import TokenizedData, hold_out, load_records, tokenize_dataset
 from .distributed import (configure_deepspeed, describe, make_accelerator, model_freed,
                           param_ndim, prepare_reference_model, sharding_report)
 from .loading import (ModelLoadError, check_model_name, load_model, load_tokenizer,
@@ -54,6 +54,7 @@ class Run:
     ref: list | None = None  # reference log-probs per example (None in mode sft)
     lengths: list = field(default_factory=list)  # tokens of each example
     eval_set: list = field(default_factory=list)
+    eval_label: str = ""  # what the eval set is, for the summary
     eval_before: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # trainer_state.json of the checkpoints
     history: list = field(default_factory=list)  # metrics of the steps run by this invocation
@@ -152,8 +153,36 @@ def load_data(r: Run) -> None:
                               quality_column=cfg.quality_column, max_examples=cfg.max_examples,
                               need_quality=need_q, source=source)
     r.say(f"data: {source}: {r.data.report()}")
+    r.eval_set, r.eval_label = eval_set(r, source)
+    r.say(f"eval: {r.eval_label}")
     r.lengths = [len(ex.input_ids) for ex in r.examples]
-    r.eval_set = r.examples[: cfg.eval_examples]
+
+
+DEFAULT_EVAL_TRAIN_EXAMPLES = 16  # eval on the first 16 training examples without held-out data
+
+
+def eval_set(r: Run, source: str) -> tuple[list, str]:
+    """(eval examples, how the summary names them). --eval-fraction: held out of --data (and
+    removed from r.data); --eval-data: another file; neither: the first training examples.
+    --eval-examples caps the set (default: all held-out ones, or 16 training examples)."""
+    cfg = r.cfg
+    if cfg.eval_fraction is not None:
+        r.data, held = hold_out(r.data, cfg.eval_fraction, cfg.seed)
+        what = (f"of {source} (--eval-fraction {cfg.eval_fraction:g}, seed {cfg.seed}; "
+                f"{len(r.data.examples)} left to train on)")
+    elif cfg.eval_data is not None:
+        ev = tokenize_dataset(load_records(cfg.eval_data, cfg.data_split), r.tok,
+                              max_length=cfg.max_length, trace_source=cfg.trace_source,
+                              max_examples=cfg.eval_examples or None,
+                              source=cfg.eval_data)
+        held, what = ev.examples, f"of {cfg.eval_data} (--eval-data: {ev.report()})"
+    else:
+        n = DEFAULT_EVAL_TRAIN_EXAMPLES if cfg.eval_examples is None else cfg.eval_examples
+        chosen = r.examples[:n]
+        return chosen, f"first {len(chosen)} training examples"
+    chosen = held if cfg.eval_examples is None else held[: cfg.eval_examples]
+    of = "" if len(chosen) == len(held) else f" of {len(held)}"
+    return chosen, f"held-out {len(chosen)}{of} examples " + what
 
 
 def build_policy(r: Run) -> None:

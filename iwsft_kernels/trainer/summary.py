@@ -15,6 +15,7 @@ def build_summary(r, ev: dict, final_dir: Path | None) -> dict:
     h = r.history
     s = {"output_dir": str(r.out_dir), "mode": r.iw.mode, "steps": r.stop,
          "total_steps": r.total, "data": r.data.report(), "eval_examples": len(r.eval_set),
+         "eval_set": r.eval_label, "eval_held_out": r.eval_label.startswith("held-out"),
          **{f"{k}_before": v for k, v in r.eval_before.items()}}
     if r.stop < r.total:
         s["stopped_early"] = True
@@ -73,6 +74,14 @@ def write_report(out_dir: Path, summary: dict) -> None:
         summary["report"] = None
 
 
+def _eval_words(s: dict) -> str:
+    """'held-out N examples' or 'first N training examples' (summaries from before
+    eval_held_out: the first training examples)."""
+    n = s["eval_examples"]
+    return f"held-out {n} examples" if s.get("eval_held_out") else \
+        f"first {n} training examples"
+
+
 def format_summary(s: dict) -> str:
     how = "diverged at step" if s.get("diverged") else "finished"
     lines = [f"iw-SFT ({s['mode']}) {how} {s['steps']}/{s['total_steps']} steps in "
@@ -81,7 +90,7 @@ def format_summary(s: dict) -> str:
              + (f", final model: {s['final_dir']})" if "final_dir" in s else ")"),
              f"  data:       {s['data']}",
              f"  eval loss:  {s['eval_loss_before']:.4f} before -> {s['eval_loss_after']:.4f} "
-             f"after (mean NLL, {s['eval_examples']} examples)"]
+             f"after (mean NLL, {_eval_words(s)})"]
     if "eval_entropy_before" in s:
         lines.append(f"  eval:       entropy {s['eval_entropy_before']:.4f} -> "
                      f"{s['eval_entropy_after']:.4f}, token accuracy "
