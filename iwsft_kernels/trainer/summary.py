@@ -83,8 +83,9 @@ def _eval_words(s: dict) -> str:
 
 
 def format_summary(s: dict) -> str:
-    how = "diverged at step" if s.get("diverged") else "finished"
-    lines = [f"iw-SFT ({s['mode']}) {how} {s['steps']}/{s['total_steps']} steps in "
+    how = (f"diverged at step {s['steps']} of {s['total_steps']}" if s.get("diverged") else
+           f"finished {s['steps']}/{s['total_steps']} steps")
+    lines = [f"iw-SFT ({s['mode']}) {how} in "
              f"{s['wall_s']:.1f} s",
              f"  outputs:    {s['output_dir']}  (metrics.jsonl, checkpoints/, summary.json"
              + (f", final model: {s['final_dir']})" if "final_dir" in s else ")"),

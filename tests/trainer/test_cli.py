@@ -304,15 +304,6 @@ def test_default_run_checkpoints_often_enough_to_resume():
 
 
 # ----------------------------------------------------------------- real interruptions
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

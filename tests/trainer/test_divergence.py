@@ -23,13 +23,7 @@ SMALL = ["--max-examples", "8", "--max-length", "128", "--micro-batch-size", "2"
          "--warmup-ratio", "0"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
 
 
 def metrics(out):

@@ -18,13 +18,7 @@ SMALL = ["--max-length", "64", "--micro-batch-size", "2", "--grad-accum", "1",
          "--log-with", "none", "--report", "false", "--warmup-ratio", "0", "--max-steps", "2"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
 
 
 def fake(n):
