@@ -12,7 +12,7 @@ import torch
 
 from ..integrations import apply_iwsft_to_model
 from .config import ASSETS, DEFAULT_MODEL, TrainConfig
-from .refcache import model_identity
+from ..refcache import model_identity
 
 
 class ModelLoadError(ValueError):

@@ -25,7 +25,7 @@ from .distributed import (configure_deepspeed, describe, make_accelerator, model
 from .loading import (ModelLoadError, check_model_name, load_model, load_tokenizer,
                       prepare_policy)
 from .metrics import evaluate
-from .refcache import compute_ref_logprobs, fingerprint_parts
+from ..refcache import compute_ref_logprobs, fingerprint_parts
 from .sampler import StepSampler
 from .step import FIRST_STEP_KEYS
 
