@@ -31,6 +31,7 @@ from .metrics import (EVAL_KEYS, FUSED_OUTPUTS, OUTPUTS_KW, _to, evaluate, micro
                       sequence_weights, step_metrics)
 from .refcache import compute_ref_logprobs, fingerprint_parts, model_identity
 from .sampler import StepSampler, rank_micro_batches
+from . import tensor_parallel as tp  # --tp-head: the hooks marked "tp:" below
 
 
 class ModelLoadError(ValueError):
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
         except ImportError:
             log_with = None
     # cpu=True without CUDA: launched CPU processes form a gloo group; FSDP2 kept on CPU ranks
-    acc = make_accelerator(mixed_precision="bf16" if bf16 else "no",
+    acc = make_accelerator(tp_head=cfg.tp_head, mixed_precision="bf16" if bf16 else "no",
                            gradient_accumulation_steps=cfg.grad_accum,
                            log_with=None if log_with in (None, "none") else log_with,
                            project_dir=str(out_dir))
@@ -205,24 +206,26 @@ def train(cfg: TrainConfig) -> dict:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.config.use_cache = False
+    tp_report = tp.parallelize_head(acc, model)  # tp: lm_head weight Shard(0) over "tp"
 
-    world = acc.num_processes
+    rank, world = tp.data_parallel(acc)  # tp: data is split over the dp ranks only
     sampler = StepSampler(len(examples), cfg.micro_batch_size * cfg.grad_accum * world, cfg.seed,
                           quality=[ex.quality for ex in examples] if cfg.sampling == "quality"
                           else None)
     total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     decay = [p for p in model.parameters() if param_ndim(p) >= 2]  # matrices; not norms/biases
     no_decay = [p for p in model.parameters() if param_ndim(p) < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    opt = torch.optim.AdamW(tp.param_groups(model, [  # tp: the sharded head in its own groups
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0}]), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     configure_deepspeed(acc, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
-    model, opt = acc.prepare(model, opt)
+    model, opt = tp.prepare(acc, model, opt)  # tp: acc.prepare, FSDP2 over "dp_shard"
     # after prepare: DeepSpeed rebuilds the optimizer's param groups
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total), total)
     acc.register_for_checkpointing(sched)  # stepped by hand: once per optimizer step
     dev = acc.device
     dist_report = sharding_report(acc, model)
+    dist_report.update(tp_report)
     say(f"policy: {dist_report['param_mib_per_rank']:.1f} MiB of parameters per rank (full "
         f"model {dist_report['param_mib_full']:.1f} MiB)")
 
@@ -248,7 +251,8 @@ def train(cfg: TrainConfig) -> dict:
         parts = fingerprint_parts(data, tok, ref_id, cfg.max_length)
         cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else out_dir / "ref_logprobs"
         t0 = time.perf_counter()
-        ref = compute_ref_logprobs(acc, ref_model, data, cache_dir, parts, tok.pad_token_id,
+        ref = compute_ref_logprobs(tp.data_view(acc), ref_model,  # tp: work dealt by dp rank
+                                    data, cache_dir, parts, tok.pad_token_id,
                                    cfg.ref_batch_size)
         say(f"reference log-probs ({ref_name}): {cache_dir} ({time.perf_counter() - t0:.1f} s)")
         if cfg.ref_model:
@@ -302,7 +306,7 @@ def train(cfg: TrainConfig) -> dict:
         gidx = sampler.batch(step)
         D = sum(n_targets[i] for i in gidx)  # global target tokens of this optimizer step
         rows, seq_w, gnorm, lr_now = [], [], float("nan"), sched.get_last_lr()[0]
-        for mb in rank_micro_batches(gidx, lengths, acc.process_index, world,
+        for mb in rank_micro_batches(gidx, lengths, rank, world,
                                      cfg.micro_batch_size):
             with acc.accumulate(model):
                 batch = collate([examples[i] for i in mb], tok.pad_token_id,
@@ -322,7 +326,7 @@ def train(cfg: TrainConfig) -> dict:
                 opt.zero_grad()
         sched.step()
         local = torch.stack(rows)
-        allrows = acc.gather(local.to(dev)).cpu() if world > 1 else local
+        allrows = tp.gather_rows(acc, local)  # tp: one rank per tp group
         dt = time.perf_counter() - t0
         m = {"step": step + 1, "epoch": (step + 1) / sampler.steps_per_epoch,
              **step_metrics(allrows), "lr": lr_now, "grad_norm": gnorm,
@@ -331,10 +335,7 @@ def train(cfg: TrainConfig) -> dict:
         if step + 1 == stop:  # the model the run ends with: its eval goes on its step's line
             m.update(evaluate(model, eval_set, tok.pad_token_id, dev))
         history.append(m)
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            seq_w = gather_object(seq_w)
+        seq_w = tp.gather_list(acc, seq_w)
         if acc.is_main_process:
             write_last_step_weights(out_dir, trainer="iwsft-train", step=step + 1, mode=iw.mode,
                                     weights=seq_w, w_min=w_lo, w_max=w_hi)
