@@ -179,8 +179,12 @@ def prepare_reference_model(acc, load):
     if is_fsdp(acc):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        ref_model = fsdp2_prepare_model(acc, ref_model)
-        placement = f"sharded (FSDP2) over {acc.num_processes} ranks"
+        from .tensor_parallel import data_parallel, tp_size
+
+        ref_model = fsdp2_prepare_model(acc, ref_model)  # --tp-head: over "dp_shard" only
+        placement = f"sharded (FSDP2) over {data_parallel(acc)[1]} ranks"
+        if tp_size(acc) > 1:
+            placement += f", replicated across the {tp_size(acc)} ranks of each tp group"
     else:
         ref_model = ref_model.to(acc.device)
         placement = "replicated" if acc.num_processes > 1 else "one process"
