@@ -23,6 +23,7 @@ import torch
 from .. import IWConfig
 from ..integrations import apply_iwsft_to_model
 from ..report import write_last_step_weights
+from . import tensor_parallel as tp  # --tp-head: the hooks marked "tp:" below
 from .config import ASSETS, DEFAULT_MODEL, TrainConfig
 from .data import collate, load_records, tokenize_dataset
 from .distributed import (configure_deepspeed, describe, final_state_dict, make_accelerator,
@@ -31,7 +32,6 @@ from .metrics import (EVAL_KEYS, FUSED_OUTPUTS, OUTPUTS_KW, _to, evaluate, micro
                       sequence_weights, step_metrics)
 from .refcache import compute_ref_logprobs, fingerprint_parts, model_identity
 from .sampler import StepSampler, rank_micro_batches
-from . import tensor_parallel as tp  # --tp-head: the hooks marked "tp:" below
 
 
 class ModelLoadError(ValueError):

@@ -160,6 +160,19 @@ def parallelize_head(acc, model: torch.nn.Module) -> dict:
             "vocab": int(w.shape[0])}
 
 
+class _SequentialCollectivesNote:
+    """Drops DTensor's advice "... N sequential all_reduce operations will be performed ...",
+    logged by every rank for the (dp x tp) head: on the gradient norm's one scalar (accelerate's
+    clip_grad_norm_) and on the final gather, once per run; nothing to act on."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "sequential" not in str(record.msg)
+
+
+_SEQUENTIAL_NOTE = _SequentialCollectivesNote()
+
+
 def prepare(acc, model, opt):
     """acc.prepare(model, opt), FSDP2 over "dp_shard", without accelerate's whole-model TP step
     (module doc). FSDP2's rank-0 broadcast loading (`fsdp_cpu_ram_efficient_loading`) is turned
@@ -167,6 +180,9 @@ def prepare(acc, model, opt):
     the same weights (the trainer loads the model on every rank)."""
     if tp_size(acc) == 1:
         return acc.prepare(model, opt)
+    import logging
+
+    logging.getLogger("torch.distributed.tensor._redistribute").addFilter(_SEQUENTIAL_NOTE)
     acc.state.fsdp_plugin.cpu_ram_efficient_loading = False
     acc._prepare_tp = lambda *args: list(args)  # instance attribute: this accelerator only
     try:
