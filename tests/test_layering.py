@@ -20,6 +20,9 @@ LAYERS = {
     "iwsft_kernels.weights": 1,
     "iwsft_kernels.reference": 1,
     "iwsft_kernels.backends": 2,
+    # vocabulary parallelism's setup (which shard, checked across the group); beside the
+    # backends, whose per-chunk merge (backends/vocab_merge.py) it hands the shard to
+    "iwsft_kernels.vocab_shard": 2,
     "iwsft_kernels.core": 3,
     "iwsft_kernels.ops": 4,
     "iwsft_kernels.loss": 5,
