@@ -50,7 +50,7 @@ def test_fsdp2_x_tp_head_4_ranks_equal_one_process_and_resume_exact(untied, tmp_
     log = launch_4(args, full)
     assert "distributed: FSDP2 x tensor-parallel head (2 x 2), 4 processes (gloo, cpu)" in log
     # same metrics per step (loss and weights from the merged shards), same final parameters
-    # (TOL: see test_distributed.py; measured max difference 2.7e-7, mean 6e-10)
+    # (TOL: see test_distributed.py; measured: max difference 5.4e-7, mean 6e-10)
     assert_same_run(full, one, untied)
     d = json.loads((full / "summary.json").read_text())["distributed"]
     assert d["processes"] == 4 and d["tp"] == 2 and not d["tied"]
