@@ -215,9 +215,9 @@ def train(cfg: TrainConfig) -> dict:
     total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     decay = [p for p in model.parameters() if param_ndim(p) >= 2]  # matrices; not norms/biases
     no_decay = [p for p in model.parameters() if param_ndim(p) < 2]
-    opt = torch.optim.AdamW(tp.param_groups(model, [  # tp: the sharded head in its own groups
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0}]), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     configure_deepspeed(acc, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, opt = tp.prepare(acc, model, opt)  # tp: acc.prepare, FSDP2 over "dp_shard"
     # after prepare: DeepSpeed rebuilds the optimizer's param groups

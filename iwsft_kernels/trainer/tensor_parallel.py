@@ -191,25 +191,6 @@ def prepare(acc, model, opt):
         del acc._prepare_tp
 
 
-def param_groups(model: torch.nn.Module, groups: list[dict]) -> list[dict]:
-    """AdamW groups with the tp-sharded head's parameters in groups of their own: the foreach
-    AdamW kernel takes a group's tensors together, and DTensors on different meshes (the head's
-    dp x tp, the body's dp) cannot be mixed in one call. Same hyperparameters, same math."""
-    from torch.distributed.tensor import DTensor
-
-    head = model.get_output_embeddings()
-    ids = {id(p) for p in head.parameters() if isinstance(p, DTensor)} if head is not None \
-        else set()
-    if not ids:  # no tp-sharded head: the groups as they are
-        return groups
-    out = []
-    for g in groups:
-        body = [p for p in g["params"] if id(p) not in ids]
-        mine = [p for p in g["params"] if id(p) in ids]
-        out += [{**g, "params": ps} for ps in (body, mine) if ps]
-    return out
-
-
 def gather_rows(acc, local: torch.Tensor) -> torch.Tensor:
     """acc.gather of per-rank metric rows, one rank per tp group kept (its ranks computed the
     same micro-batches). Every rank has the same number of rows (grad_accum)."""

@@ -39,7 +39,11 @@ def launch_4(args: list[str], out) -> str:
     cmd = _launch_cmd("fsdp2_cpu.yaml", "--num_processes", "4") + COMMON + TWO + args + [
         "--tp-head", "2", "--save-every", "2", "--output-dir", str(out)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    if r.returncode != 0:  # the workers' own error lines first: torchrun's summary hides them
+        errors = [ln for ln in r.stderr.splitlines()
+                  if any(w in ln for w in ("Error", "error:", "terminate", "what()", "Signal"))]
+        pytest.fail(f"exit {r.returncode}\n" + "\n".join(errors[-30:]) + "\n--- stdout:\n"
+                    + r.stdout[-1500:] + "\n--- stderr:\n" + r.stderr[-3000:], pytrace=False)
     return r.stdout
 
 
