@@ -252,8 +252,7 @@ def train(cfg: TrainConfig) -> dict:
         cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else out_dir / "ref_logprobs"
         t0 = time.perf_counter()
         ref = compute_ref_logprobs(tp.data_view(acc), ref_model,  # tp: work dealt by dp rank
-                                    data, cache_dir, parts, tok.pad_token_id,
-                                   cfg.ref_batch_size)
+                                   data, cache_dir, parts, tok.pad_token_id, cfg.ref_batch_size)
         say(f"reference log-probs ({ref_name}): {cache_dir} ({time.perf_counter() - t0:.1f} s)")
         if cfg.ref_model:
             alive = weakref.ref(ref_model)
