@@ -269,12 +269,16 @@ def prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, con
     return Prepared(N=N, S=S, idx=idx, y=y, seg=seg, ref=ref, quality=quality, D=D)
 
 
-def extra_fp32_buffers(backend: str, device, xf: LogitTransform) -> int:
+def extra_fp32_buffers(backend: str, device, xf: LogitTransform,
+                       shard: VocabShard | None = None) -> int:
     """Extra fp32 (m, V) buffers per chunk the backend's ops allocate under this transform
-    (the torch ops' dz/dr buffer when a softcap is on; 0 otherwise)."""
+    (the torch ops' dz/dr buffer when a softcap is on; 0 otherwise); shard: for the ops of a
+    vocabulary shard."""
     if xf.softcap is None:
         return 0
     ops = select_ops(backend, torch.device(device))
+    if shard is not None:
+        ops = VocabParallelOps(ops, shard)
     return int(getattr(ops, "softcap_extra_buffers", 0))
 
 
@@ -302,22 +306,33 @@ def chunk_rows_for(weight, chunk_bytes, compute_dtype, num_rows: int,
     return default_chunk_rows(V, num_rows, compute_dtype, weight.device.type, extra_fp32)
 
 
-def setup_vocab_parallel(vocab_parallel, hidden, weight, bias, labels, ignore_index):
-    """(hidden, weight, bias, VocabShard or None): the local tensors of this rank's vocabulary
-    shard (from config.VocabParallel or a DTensor weight placed Shard(0)), checked across the
-    group (one all-gather; vocab_shard.py). Plain single-rank inputs pass through."""
+def setup_vocab_parallel(vocab_parallel, hidden, weight, bias, labels, ignore_index, validate):
+    """(hidden, weight, bias, VocabShard or None, validate's result): the local tensors of this
+    rank's vocabulary shard (from config.VocabParallel or a DTensor weight placed Shard(0)),
+    checked across the group (one all-gather; vocab_shard.py). ``validate(hidden, weight, bias,
+    vocab_size)`` runs the caller's own checks (prepare) BEFORE the all-gather, and their
+    outcome travels with it: when any rank's inputs are rejected, every rank raises (the
+    rejected ones their own error), instead of the others waiting in a collective. Labels are
+    then checked against the global V. Plain single-rank inputs pass through."""
     from . import vocab_shard
 
     hidden, weight, bias, spec = vocab_shard.resolve(vocab_parallel, hidden, weight, bias)
     if spec is None:
-        return hidden, weight, bias, None
+        return hidden, weight, bias, None, validate(hidden, weight, bias, None)
     check_int("labels", labels)
-    return hidden, weight, bias, vocab_shard.check_group(spec, labels, ignore_index,
-                                                        hidden.device)
-
-
-def vocab_size(shard: VocabShard | None):
-    return None if shard is None else shard.V
+    err = out = None
+    try:
+        vocab_shard.check_rows(spec, weight)
+        out = validate(hidden, weight, bias, vocab_shard.NO_LABEL_LIMIT)
+    except (ValueError, TypeError) as e:
+        err = e
+    shard = vocab_shard.check_group(spec, labels, ignore_index, hidden.device, err)
+    y = labels.reshape(-1)
+    bad = (y != ignore_index) & (y >= shard.V)
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {shard.V}) (the global vocabulary of the "
+                         f"shards) or ignore_index ({ignore_index}); found {int(y[bad][0])}")
+    return hidden, weight, bias, shard, out
 
 
 def scatter(values, idx, N):
@@ -376,11 +391,14 @@ def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes,
     from .config import IWConfig
 
     check_float("hidden", hidden)
-    hidden, weight, bias, shard = setup_vocab_parallel(vocab_parallel, hidden, weight, bias,
-                                                       labels, ignore_index)
-    be = resolve_backend(backend, hidden.device)
-    p = prepare(hidden, weight, labels, None, None, bias, None, IWConfig(mode="sft"),
-                ignore_index, None, need_ref=False, vocab_size=vocab_size(shard))
+
+    def validate(hidden, weight, bias, V):
+        be = resolve_backend(backend, hidden.device)
+        return be, prepare(hidden, weight, labels, None, None, bias, None, IWConfig(mode="sft"),
+                           ignore_index, None, need_ref=False, vocab_size=V)
+
+    hidden, weight, bias, shard, (be, p) = setup_vocab_parallel(
+        vocab_parallel, hidden, weight, bias, labels, ignore_index, validate)
     H = weight.shape[1]
     with torch.no_grad():
         h = hidden.detach().reshape(-1, H)
@@ -389,7 +407,7 @@ def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes,
         h = h.to(weight.dtype)
         b = None if bias is None else bias.detach().to(weight.dtype)
         rows = chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
-                              extra_fp32_buffers(be, hidden.device, xf), shard)
+                              extra_fp32_buffers(be, hidden.device, xf, shard), shard)
         ops = select_ops(be, hidden.device)
         if shard is not None:
             ops = VocabParallelOps(ops, shard)

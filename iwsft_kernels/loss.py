@@ -145,15 +145,18 @@ def _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, confi
         return IWSFTOutput(loss=loss, token_logprobs=logp, seq_weights=seq_w,
                            token_weights=token_w, stats=stats, entropy=ex["entropy"],
                            top1=ex["top1"], lse=ex["lse"], z_loss=ex["z_loss"])
+    def validate(hidden, weight, bias, V):  # run by setup_vocab_parallel (before its all-gather)
+        be = core.resolve_backend(backend, hidden.device)
+        return be, core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality,
+                                config, ignore_index, normalizer,
+                                need_ref=config.needs_reference, vocab_size=V)
+
     # a vocabulary shard: the local weight / bias (a DTensor's to_local(), differentiable)
-    hidden, weight, bias, shard = core.setup_vocab_parallel(vocab_parallel, hidden, weight, bias,
-                                                            labels, ignore_index)
-    be = core.resolve_backend(backend, hidden.device)
-    p = core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
-                     ignore_index, normalizer, need_ref=config.needs_reference,
-                     vocab_size=core.vocab_size(shard))
+    hidden, weight, bias, shard, (be, p) = core.setup_vocab_parallel(
+        vocab_parallel, hidden, weight, bias, labels, ignore_index, validate)
     chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
-                                     core.extra_fp32_buffers(be, hidden.device, xf), shard)
+                                     core.extra_fp32_buffers(be, hidden.device, xf, shard),
+                                     shard)
     want_entropy = "entropy" in outputs
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
@@ -231,6 +234,8 @@ class LinearIWSFTLoss(torch.nn.Module):
             s += f", z_loss={self.z_loss}"
         if self.outputs:
             s += f", outputs={self.outputs}"
+        if self.vocab_parallel is not None:
+            s += f", vocab_parallel={self.vocab_parallel}"
         return s
 
 

@@ -74,10 +74,6 @@ def resolve(vocab_parallel, hidden, weight, bias):
             raise ValueError("vocab_parallel=VocabParallel(...) with a plain weight needs this "
                              "rank's start and stop (only a DTensor weight carries its range)")
         vp = vocab_parallel
-        rows = vp.stop - vp.start
-        if weight.dim() == 2 and weight.shape[0] != rows:
-            raise ValueError(f"weight has {weight.shape[0]} rows but this rank's vocabulary "
-                             f"shard [{vp.start}, {vp.stop}) has {rows}")
         group = vp.group if vp.group is not None else dist.group.WORLD
         spec = (group, vp.start, vp.stop, None, vp.sequence_parallel)
     else:
@@ -109,20 +105,41 @@ def resolve(vocab_parallel, hidden, weight, bias):
     return hidden, weight, bias, spec
 
 
-def check_group(spec, labels, ignore_index, device) -> VocabShard:
-    """One all-gather of (start, stop, N, number of targets) over the group: the shards must
-    tile [0, V) without overlap, and every rank must have the same positions and targets (the
-    collectives of each chunk pair up only then). All ranks raise the same ValueError."""
+NO_LABEL_LIMIT = 2**62  # prepare's label bound before the global V is known (checked after)
+
+
+def check_rows(spec, weight) -> None:
+    """This rank's weight has the rows of its range."""
+    _, start, stop, _, _ = spec
+    if weight.dim() == 2 and weight.shape[0] != stop - start:
+        raise ValueError(f"weight has {weight.shape[0]} rows but this rank's vocabulary shard "
+                         f"[{start}, {stop}) has {stop - start}")
+
+
+def check_group(spec, labels, ignore_index, device, error=None) -> VocabShard:
+    """One all-gather of (start, stop, N, number of targets, rejected) over the group: the
+    shards must tile [0, V) without overlap, and every rank must have the same positions and
+    targets (the collectives of each chunk pair up only then). ``error``: this rank's own
+    validation error, if any; when any rank has one, every rank raises (that error on its
+    rank, a ValueError naming the rejecting ranks on the others). Otherwise all ranks raise
+    the same ValueError, or none."""
     import torch.distributed as dist
 
     group, start, stop, V, seq_par = spec
     N = labels.numel()
     M = int((labels != ignore_index).sum())
-    mine = torch.tensor([start, stop, N, M], dtype=torch.int64, device=device)
+    mine = torch.tensor([start, stop, N, M, int(error is not None)], dtype=torch.int64,
+                        device=device)
     world = dist.get_world_size(group)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
-    table = [tuple(int(v) for v in t.tolist()) for t in got]
+    rejected = [r for r, t in enumerate(got) if int(t[4])]
+    if error is not None:
+        raise error
+    if rejected:
+        raise ValueError(f"ranks {rejected} of the vocabulary-parallel group rejected their "
+                         f"inputs (see their errors); this rank's passed its own checks")
+    table = [tuple(int(v) for v in t.tolist()[:4]) for t in got]
     ranges = sorted((a, b, r) for r, (a, b, _, _) in enumerate(table))
     desc = ", ".join(f"rank {r}: [{a}, {b})" for r, (a, b, _, _) in enumerate(table))
     pos = 0

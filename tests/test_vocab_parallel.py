@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 import zlib
 
@@ -32,10 +33,7 @@ import torch
 
 from conftest import BACKENDS
 
-try:  # the float64 oracle (being renamed reference.py -> oracle.py)
-    from iwsft_kernels.oracle import reference_iwsft
-except ImportError:
-    from iwsft_kernels.reference import reference_iwsft
+from iwsft_kernels.oracle import oracle_iwsft
 
 PATHS = ["torch+native", "torch"] + (["triton"] if "triton" in BACKENDS else [])
 WORLDS = (2, 4)
@@ -123,7 +121,7 @@ def _oracle(inp, grad_scale=1.7, config=None, cu_seqlens=None, quality=None, log
     W = inp["weight"].double().requires_grad_()
     b = inp.get("bias")
     b = None if b is None else b.double().requires_grad_()
-    o = reference_iwsft(h, W, inp["labels"], inp.get("ref_logprobs"), bias=b,
+    o = oracle_iwsft(h, W, inp["labels"], inp.get("ref_logprobs"), bias=b,
                         config=config or IWConfig(), cu_seqlens=cu_seqlens, quality=quality,
                         logit_softcap=logit_softcap, logit_scale=logit_scale, z_loss=z_loss)
     (o["loss"] * grad_scale).backward()
@@ -180,28 +178,33 @@ def case_modes(ck, rank, world, gen, path):
     s, e = bd[rank], bd[rank + 1]
     vp = VocabParallel(None, s, e)
     outs = ("entropy", "top1", "lse")
-    for mode, extra in (("sft", {}), ("token", {}), ("sequence", {}),
-                        ("sequence", dict(self_normalize=True)), ("token", dict(w_max=1.1))):
-        for packed in (False, True):
-            inp = _inputs(gen, B * T, H, V)
-            cfg = IWConfig(mode=mode, **extra)
-            kw = dict(config=cfg, outputs=outs)
-            okw = dict(config=cfg)
-            if packed:
-                cu = torch.tensor([0, 5, 6, 14, B * T])
-                kw["cu_seqlens"] = okw["cu_seqlens"] = cu
-                q = torch.tensor([1.0, 0.5, 2.0, 0.0])
-                kw["quality"] = okw["quality"] = q
-            else:
-                inp = {k: (v.reshape(B, T, *v.shape[1:]) if k in ("hidden", "labels",
-                                                                  "ref_logprobs") else v)
-                       for k, v in inp.items()}
-            name = f"{mode}{extra} packed={packed}"
-            vo, vg = _run(inp, be, s, e, vp, **kw)
-            oo, og = _run(inp, be, **kw)
-            _compare(ck, name, vo, vg, oo, og, s, e, 2e-5, _oracle(inp, **okw), 1e-4, outs)
-            _same_on_all_ranks(ck, name + " loss", vo.loss.detach())
-            _same_on_all_ranks(ck, name + " logp", vo.token_logprobs)
+    combos = [(mode, extra, packed)
+              for mode, extra in (("sft", {}), ("token", {}), ("sequence", {}),
+                                  ("sequence", dict(self_normalize=True)),
+                                  ("token", dict(w_max=1.1)))
+              for packed in (False, True)]
+    if path == "triton":  # the interpreter is slow: one of each mode, both layouts
+        combos = [combos[0], combos[3], combos[6]]
+    for mode, extra, packed in combos:
+        inp = _inputs(gen, B * T, H, V)
+        cfg = IWConfig(mode=mode, **extra)
+        kw = dict(config=cfg, outputs=outs)
+        okw = dict(config=cfg)
+        if packed:
+            cu = torch.tensor([0, 5, 6, 14, B * T])
+            kw["cu_seqlens"] = okw["cu_seqlens"] = cu
+            q = torch.tensor([1.0, 0.5, 2.0, 0.0])
+            kw["quality"] = okw["quality"] = q
+        else:
+            inp = {k: (v.reshape(B, T, *v.shape[1:]) if k in ("hidden", "labels",
+                                                              "ref_logprobs") else v)
+                   for k, v in inp.items()}
+        name = f"{mode}{extra} packed={packed}"
+        vo, vg = _run(inp, be, s, e, vp, **kw)
+        oo, og = _run(inp, be, **kw)
+        _compare(ck, name, vo, vg, oo, og, s, e, 2e-5, _oracle(inp, **okw), 1e-4, outs)
+        _same_on_all_ranks(ck, name + " loss", vo.loss.detach())
+        _same_on_all_ranks(ck, name + " logp", vo.token_logprobs)
 
 
 def case_transforms_zloss(ck, rank, world, gen, path):
@@ -210,7 +213,7 @@ def case_transforms_zloss(ck, rank, world, gen, path):
     from iwsft_kernels import IWConfig, VocabParallel
 
     be = _set_path(path)
-    V, H, N = 37, 16, 30
+    V, H, N = 37, 16, 20
     bd = _bounds(V, world)
     s, e = bd[rank], bd[rank + 1]
     vp = VocabParallel(None, s, e)
@@ -309,6 +312,14 @@ def case_megatron_ranges(ck, rank, world, gen, path):
     vo, vg = _run(inp, be, s, e, VocabParallel(None, s, e), config=cfg, outputs=outs)
     oo, og = _run(inp, be, config=cfg, outputs=outs)
     _compare(ck, "ranges", vo, vg, oo, og, s, e, 2e-5, _oracle(inp, config=cfg), 1e-4, outs)
+    # the nn.Module form
+    from iwsft_kernels import LinearIWSFTLoss
+
+    mod = LinearIWSFTLoss(cfg, backend=be, vocab_parallel=VocabParallel(None, s, e))
+    ck.true("LinearIWSFTLoss: vocab_parallel not in its repr", "vocab_parallel" in repr(mod))
+    mo = mod(inp["hidden"], inp["weight"][s:e], inp["labels"], inp["ref_logprobs"],
+             bias=inp["bias"][s:e])
+    ck.close("LinearIWSFTLoss loss vs 1 rank", mo.loss, oo.loss, 2e-5)
     # sequence_parallel: this rank's partial dH; their sum is dH
     vo2, vg2 = _run(inp, be, s, e, VocabParallel(None, s, e, sequence_parallel=True),
                     config=cfg)
@@ -327,6 +338,8 @@ def case_megatron_ranges(ck, rank, world, gen, path):
                           backend=be, outputs=outs)
     for k in ("logprobs",) + outs:
         ck.close(f"linear_logprobs {k} vs 1 rank", getattr(lp, k), getattr(lp1, k), 2e-5)
+    if path == "triton":  # bf16 through the interpreter: slow, covered by the torch paths
+        return
     # bf16 inputs (gradients in bf16; dH summed in bf16 across ranks)
     ib = {k: (v.bfloat16() if k in ("hidden", "weight", "bias") else v) for k, v in inp.items()}
     vo, vg = _run(ib, be, s, e, VocabParallel(None, s, e), config=cfg)
@@ -405,6 +418,65 @@ def case_dtensor(ck, rank, world, gen, path):
             vocab_parallel=kw.get("vocab_parallel")))
 
 
+def case_fsdp2_x_tp(ck, rank, world, gen, path):
+    """A 2-D mesh (dp 2 x tp 2, 4 ranks): lm_head ColwiseParallel on "tp", then FSDP2
+    (fully_shard) over "dp". The unsharded lm_head weight is a DTensor Shard(0) on the tp mesh:
+    detected; loss and gradients (the FSDP-sharded weight grad gathered) equal one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from iwsft_kernels import IWConfig, linear_iwsft_loss
+
+    be = _set_path(path)
+    H, V, N = 8, 37, 10
+    cfg = IWConfig(mode="token")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(H, H)
+            self.lm_head = torch.nn.Linear(H, V, bias=False)
+
+        def forward(self, x, y, ref):
+            return linear_iwsft_loss(self.body(x), self.lm_head.weight, y, ref, config=cfg,
+                                     backend=be).loss
+
+    torch.manual_seed(int(torch.randint(0, 2**30, (1,), generator=gen)))
+    model, single = Model(), Model()
+    single.load_state_dict(model.state_dict())
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel()})
+    fully_shard(model.lm_head, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    x = torch.randn(N, H, generator=gen)
+    y = torch.randint(0, V, (N,), generator=gen)
+    ref = -torch.rand(N, generator=gen) - 3.0
+    model.lm_head.unshard()  # its module is not called: gather it for the loss
+    loss = model(x, y, ref)
+    (loss * 1.7).backward()
+    one = single(x, y, ref)
+    (one * 1.7).backward()
+    ck.close("fsdp2 x tp loss", loss, one, 1e-5)
+    ck.close("fsdp2 x tp lm_head grad", model.lm_head.weight.grad.full_tensor(),
+             single.lm_head.weight.grad, 1e-5)
+    ck.close("fsdp2 x tp body grad", model.body.weight.grad.full_tensor(),
+             single.body.weight.grad, 1e-5)
+    # a weight on the 2-D mesh itself: (Replicate, Shard(0)) is the tp dimension's shard;
+    # sharded on both dimensions is refused
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    W = single.lm_head.weight.detach()
+    h = single.body(x).detach()
+    Wd = distribute_tensor(W, mesh, [Replicate(), Shard(0)])
+    got = linear_iwsft_loss(h, Wd, y, ref, config=cfg, backend=be).loss
+    want = linear_iwsft_loss(h, W, y, ref, config=cfg, backend=be).loss
+    ck.close("2-D mesh (Replicate, Shard(0)) loss", got, want, 1e-6)
+    W2 = distribute_tensor(W, mesh, [Shard(0), Shard(0)])
+    _expect_error(ck, "2-D mesh sharded twice", ValueError, "exactly one mesh dimension",
+                  lambda: linear_iwsft_loss(h, W2, y, ref, config=cfg, backend=be))
+
+
 def _expect_error(ck, what, exc, needle, fn):
     try:
         fn()
@@ -443,6 +515,14 @@ def case_errors(ck, rank, world, gen, path):
     bad = inp["labels"].clone()
     bad[0] = V
     _expect_error(ck, "label beyond V", ValueError, f"[0, {V})", call(s, e, labels=bad))
+    # one rank's inputs rejected (a bias of the wrong length on rank 0): every rank raises,
+    # rank 0 its own error, the others name it (nobody waits in a collective)
+    bias = torch.zeros(e - s + (1 if rank == 0 else 0))
+    _expect_error(ck, "one rank rejected", ValueError,
+                  "bias must have shape" if rank == 0 else "ranks [0] of the vocabulary",
+                  lambda: linear_iwsft_loss(inp["hidden"], inp["weight"][s:e], inp["labels"],
+                                            bias=bias, config=cfg, backend=be,
+                                            vocab_parallel=VocabParallel(None, s, e)))
     more = inp["labels"].clone()
     if rank == 0:
         more[1] = -100
@@ -457,7 +537,24 @@ def case_errors(ck, rank, world, gen, path):
 
 CASES = {f.__name__[5:]: f for f in (case_modes, case_transforms_zloss,
                                      case_peaked_argmax_on_rank0, case_tied_max_across_ranks,
-                                     case_megatron_ranges, case_dtensor, case_errors)}
+                                     case_megatron_ranges, case_dtensor, case_errors,
+                                     case_fsdp2_x_tp)}
+
+
+def _plan(world):
+    """(case, path) pairs run at this world size: every case on every path at 2 ranks. At 4
+    ranks (4 processes on the CI's 2 cores) the pure torch path is left out (a sharded chunk
+    runs the same torch epilogue under the native backend, which stays) and the slow Triton
+    interpreter runs only the cases whose 4-rank layout differs in kind (uneven / empty
+    shards, every arg-max on one rank). The FSDP2 x TP case needs 4 ranks (a 2 x 2 mesh)."""
+
+    def wanted(c, p):
+        if c == "fsdp2_x_tp":  # needs a 2 x 2 mesh
+            return world == 4 and p == "torch+native"
+        return world == 2 or p == "torch+native" or (
+            p == "triton" and c in ("megatron_ranges", "peaked_argmax_on_rank0", "errors"))
+
+    return [(c, p) for p in PATHS for c in CASES if wanted(c, p)]
 
 
 def _worker(rank, world, store, outdir):
@@ -468,21 +565,23 @@ def _worker(rank, world, store, outdir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
-    results = {}
+    results, seconds = {}, {}
     try:
-        for path in PATHS:
-            for name, fn in CASES.items():
-                ck = _Checks()
-                # the same inputs on every rank (str hashes differ between processes)
-                gen = torch.Generator().manual_seed(zlib.crc32(f"{name}{world}".encode()))
-                try:
-                    fn(ck, rank, world, gen, path)
-                except Exception:  # noqa: BLE001 — reported, not raised (the others would hang)
-                    ck.errors.append(traceback.format_exc())
-                results[f"{name}[{path}]"] = ck.errors
+        for name, path in _plan(world):
+            fn = CASES[name]
+            ck = _Checks()
+            # the same inputs on every rank (str hashes differ between processes)
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{name}{world}".encode()))
+            t0 = time.perf_counter()
+            try:
+                fn(ck, rank, world, gen, path)
+            except Exception:  # noqa: BLE001 — reported, not raised (the others would hang)
+                ck.errors.append(traceback.format_exc())
+            results[f"{name}[{path}]"] = ck.errors
+            seconds[f"{name}[{path}]"] = round(time.perf_counter() - t0, 2)
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
+            json.dump(dict(results=results, seconds=seconds), f)
         dist.destroy_process_group()
 
 
@@ -501,14 +600,12 @@ def _results(world):
             res = {}
             for r in range(world):
                 with open(os.path.join(d, f"rank{r}.json")) as f:
-                    res[r] = json.load(f)
+                    res[r] = json.load(f)["results"]
         _RESULTS[world] = res
     return _RESULTS[world]
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world, case, path", [(w, c, p) for w in WORLDS for c, p in _plan(w)])
 def test_vocab_parallel(world, case, path):
     res = _results(world)
     key = f"{case}[{path}]"
@@ -527,6 +624,35 @@ def test_refused_under_compile():
     with pytest.raises(NotImplementedError, match="torch.compile"):
         _refuse_compiled_vocab_parallel(VocabParallel(None, 0, 1), torch.zeros(1, 1))
     _refuse_compiled_vocab_parallel(None, torch.zeros(1, 1))  # a plain weight passes
+
+
+def test_vocab_parallel_config_errors():
+    from iwsft_kernels import VocabParallel
+
+    with pytest.raises(ValueError, match="0 <= start <= stop"):
+        VocabParallel(None, 5, 3)
+    with pytest.raises(ValueError, match="0 <= start <= stop"):
+        VocabParallel(None, -1, 3)
+    with pytest.raises(TypeError, match="start must be an int"):
+        VocabParallel(None, 0.0, 3)
+    with pytest.raises(ValueError, match="both start and stop"):
+        VocabParallel(None, None, 3)
+    with pytest.raises(TypeError, match="sequence_parallel must be a bool"):
+        VocabParallel(None, 0, 3, sequence_parallel=1)
+    VocabParallel(None, 3, 3)  # an empty shard is allowed
+
+
+def test_sharded_chunk_budget_counts_the_torch_softcap_buffer():
+    """A sharded chunk runs the torch ops' partials (also under the native backend), which keep
+    a dz/dr buffer under a softcap: the chunk budget counts it."""
+    from iwsft_kernels import core
+    from iwsft_kernels.backends.vocab_merge import VocabShard
+    from iwsft_kernels.config import LogitTransform
+
+    shard = VocabShard(group=None, start=0, stop=10, V=20, max_rows=10)
+    cap = LogitTransform(softcap=30.0)
+    assert core.extra_fp32_buffers("torch", "cpu", cap, shard) == 1
+    assert core.extra_fp32_buffers("torch", "cpu", LogitTransform(), shard) == 0
 
 
 if __name__ == "__main__":

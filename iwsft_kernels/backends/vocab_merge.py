@@ -99,7 +99,10 @@ class VocabParallelOps:
         self.inner = inner
         self.shard = shard
         self.name = f"{inner.name}+vocab_parallel"
-        self.softcap_extra_buffers = getattr(inner, "softcap_extra_buffers", 0)
+        # the (m, V) buffers its partials allocate under a softcap (the native ops' sharded
+        # epilogue is the torch ops', which keep a dz/dr buffer)
+        self.softcap_extra_buffers = getattr(inner, "partials_softcap_extra_buffers",
+                                             getattr(inner, "softcap_extra_buffers", 0))
 
     def _local(self, y):
         s = self.shard
