@@ -236,11 +236,12 @@ def device_slug(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu-{_cpu_model()}-{os.cpu_count()}c"
+        name = f"cpu-{cpu_model()}-{os.cpu_count()}c"
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -307,8 +308,8 @@ class Runner:
         self.meta = {
             "device": self.device.type,
             "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                            else _cpu_model()),
-            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+                            else cpu_model()),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "versions": _versions(), "args": {k: v for k, v in vars(args).items() if k != "_task"},

@@ -54,7 +54,9 @@ def smollm2_folder() -> Path:
 
 
 def greedy_batch(model, tok, prompts, new_tokens):
-    """Right-padded batch of chat prompt + the model's greedy answer; labels on the answer."""
+    """(batch, answers): a right-padded batch of chat prompt + the model's greedy answer, with
+    labels on the answer tokens (the end-of-turn token kept, the padding after it dropped), and
+    the decoded answers. The tokenizer is left padding on the right."""
     tok.padding_side = "left"
     enc = tok.apply_chat_template([[{"role": "user", "content": p}] for p in prompts],
                                   add_generation_prompt=True, return_tensors="pt",
@@ -63,12 +65,14 @@ def greedy_batch(model, tok, prompts, new_tokens):
         out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)
     P = enc["input_ids"].shape[1]
-    rows = []
+    tok.padding_side = "right"
+    rows, answers = [], []
     for b in range(len(prompts)):
         prompt = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
         gen = out[b, P:].tolist()
         if tok.eos_token_id in gen:
             gen = gen[: gen.index(tok.eos_token_id) + 1]
+        answers.append(tok.decode(gen, skip_special_tokens=True).strip())
         rows.append((prompt + gen, [IGNORE] * len(prompt) + gen))
     T = max(len(i) for i, _ in rows)
     ids = torch.full((len(rows), T), tok.pad_token_id)
@@ -77,10 +81,11 @@ def greedy_batch(model, tok, prompts, new_tokens):
     for b, (i, y) in enumerate(rows):
         ids[b, :len(i)], labels[b, :len(y)], mask[b, :len(i)] = (
             torch.tensor(i), torch.tensor(y), 1)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, answers
 
 
 def f64_logprobs(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(y) per row of float64 logits z, exact as p_y -> 1."""
     zy = z.gather(1, y[:, None])[:, 0]
     rest = z.scatter(1, y[:, None], float("-inf")).logsumexp(1)
     return -F.softplus(rest - zy)
@@ -109,7 +114,7 @@ def measure(folder, prompts, new_tokens, backend="auto") -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
-    batch = greedy_batch(model, tok, prompts, new_tokens)
+    batch, _ = greedy_batch(model, tok, prompts, new_tokens)
     model.train()
     y_all = batch["labels"][:, 1:]
     keep = y_all != IGNORE

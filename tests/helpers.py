@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from iwsft_kernels.reference import reference_iwsft
+from iwsft_kernels.oracle import oracle_iwsft
 
 
 def make_inputs(B, T, H, V, *, dtype=torch.float32, device="cpu", gen=None, ignore_frac=0.2,
@@ -58,11 +58,11 @@ def rel(a, b):
     return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
-def reference_grads(inp, cfg, grad_out, **kw):
+def oracle_grads(inp, cfg, grad_out, **kw):
     """float64 reference loss, outputs and gradients w.r.t. hidden, weight, bias."""
     leaves = {k: inp[k].detach().cpu().double().requires_grad_()
               for k in ("hidden", "weight", "bias") if inp.get(k) is not None}
-    r = reference_iwsft(leaves["hidden"], leaves["weight"], inp["labels"].cpu(),
+    r = oracle_iwsft(leaves["hidden"], leaves["weight"], inp["labels"].cpu(),
                         inp["ref_logprobs"].cpu().double(), cu_seqlens=None if inp.get("cu_seqlens") is None else inp["cu_seqlens"].cpu(),
                         bias=leaves.get("bias"), config=cfg, **kw)
     (r["loss"] * grad_out).backward()

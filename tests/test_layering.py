@@ -1,6 +1,9 @@
 """The package's dependencies point one way (docs/design.md, "Layout"):
 
-    integrations, trainer  ->  public API (__init__, loss)  ->  ops  ->  core  ->  backends
+    trainer  ->  integrations  ->  public API (__init__, loss)  ->  ops  ->  core  ->  backends
+
+and the two trainers (iwsft-train in trainer/, IWSFTTrainer in integrations/trl/) share the
+reference-log-prob cache (refcache.py), which imports neither.
 
 Checked on the source text (every ``import`` / ``from ... import``, module level or inside
 functions), so a cycle cannot creep back in through a lazy import.
@@ -14,11 +17,13 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "iwsft_kernels"
 
 # layer of each module (lower number = lower in the stack); a module may import only modules of
-# a strictly lower layer, or leaf helpers (config, weights, reference) that import nothing above.
+# a strictly lower layer, or leaf helpers (config, weights, oracle) that import nothing above.
 LAYERS = {
     "iwsft_kernels.config": 0,
     "iwsft_kernels.weights": 1,
-    "iwsft_kernels.reference": 1,
+    "iwsft_kernels.oracle": 1,
+    # the reference-log-prob cache (pass, fingerprints, store) of both trainers
+    "iwsft_kernels.refcache": 1,
     "iwsft_kernels.backends": 2,
     "iwsft_kernels.core": 3,
     "iwsft_kernels.ops": 4,
@@ -28,8 +33,6 @@ LAYERS = {
     # plots + summary of a run's output folder; imports nothing from the package
     "iwsft_kernels.report": 7,
     "iwsft_kernels.trainer": 8,
-    # the TRL trainer sits on top: it reuses the trainer's reference-log-prob cache
-    "iwsft_kernels.integrations.trl": 9,
 }
 
 
@@ -98,3 +101,33 @@ def test_loss_and_ops_do_not_import_each_other_both_ways():
     ops = {t for t, _ in _imports(PKG / "ops.py", "iwsft_kernels.ops")}
     assert "iwsft_kernels.loss" not in ops
     assert "iwsft_kernels.core" in ops and "iwsft_kernels.core" in loss
+
+
+def _package_imports(paths):
+    for path in paths:
+        mod = _module_name(path)
+        for target, line in _imports(path, mod):
+            yield path.relative_to(PKG), line, target
+
+
+def _under(target: str, mod: str) -> bool:
+    return target == mod or target.startswith(mod + ".")
+
+
+def test_integrations_never_import_the_trainer():
+    bad = [f"{p}:{line} imports {t}" for p, line, t in
+           _package_imports((PKG / "integrations").rglob("*.py"))
+           if _under(t, "iwsft_kernels.trainer")]
+    assert not bad, bad
+
+
+def test_refcache_imports_neither_trainer():
+    paths = [PKG / "refcache.py"] + sorted((PKG / "refcache").rglob("*.py"))
+    paths = [p for p in paths if p.exists()]
+    assert paths, "iwsft_kernels/refcache not found"
+    bad = [f"{p}:{line} imports {t}" for p, line, t in _package_imports(paths)
+           if _under(t, "iwsft_kernels.trainer") or _under(t, "iwsft_kernels.integrations")]
+    assert not bad, bad
+    for trainer in ("trainer", "integrations/trl"):  # and both trainers use it
+        used = {t for _, _, t in _package_imports((PKG / trainer).rglob("*.py"))}
+        assert "iwsft_kernels.refcache" in used, trainer

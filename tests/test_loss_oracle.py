@@ -1,4 +1,4 @@
-"""linear_iwsft_loss against the float64 reference (iwsft_kernels.reference), both backends.
+"""linear_iwsft_loss against the float64 oracle (iwsft_kernels.oracle), both backends.
 
 Shapes are odd on purpose (H, V not multiples of any block size); weights are non-uniform and
 grad_output != 1 everywhere, so a weight applied after the G^T H sum, or a missing
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_inputs, reference_grads, rel
+from helpers import make_inputs, oracle_grads, rel
 from iwsft_kernels import IWConfig, linear_iwsft_loss, linear_logprobs
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -61,7 +61,7 @@ def test_modes_layouts_fp32(backend, device, rng, mode, opts, packed):
     cfg = IWConfig(mode=mode, **opts)
     q = torch.rand(S, generator=rng).to(device) * 2
     out, grads = run_ours(inp, cfg, backend, -0.7, quality=q)
-    ref = reference_grads(inp, cfg, -0.7, quality=q.cpu())
+    ref = oracle_grads(inp, cfg, -0.7, quality=q.cpu())
     check(out, grads, ref, torch.float32)
 
 
@@ -70,7 +70,7 @@ def test_bf16(backend, device, rng, mode):
     inp, S = make_inputs(3, 31, 40, 97, dtype=torch.bfloat16, device=device, gen=rng, bias=True)
     cfg = IWConfig(mode=mode)
     out, grads = run_ours(inp, cfg, backend, 1.3)
-    ref = reference_grads(inp, cfg, 1.3)
+    ref = oracle_grads(inp, cfg, 1.3)
     check(out, grads, ref, torch.bfloat16)
 
 
@@ -86,7 +86,7 @@ def test_peaked_logits(backend, device, rng, dtype, p):
                          ignore_frac=0.1)
     cfg = IWConfig(mode="token")
     out, grads = run_ours(inp, cfg, backend, 2.5)
-    ref = reference_grads(inp, cfg, 2.5)
+    ref = oracle_grads(inp, cfg, 2.5)
     lp = out.token_logprobs[inp["labels"].reshape(-1) != -100]
     assert float(lp.exp().min()) > p - 0.01
 
@@ -111,7 +111,7 @@ def test_multi_chunk_and_two_phase(backend, device, rng, mode):
     two-phase path, shorter ones the sequence-aligned one-pass path."""
     inp, S = make_inputs(3, 29, 21, 53, device=device, gen=rng, packed=True, bias=True)
     cfg = IWConfig(mode=mode, self_normalize=True)
-    ref = reference_grads(inp, cfg, 0.9)
+    ref = oracle_grads(inp, cfg, 0.9)
     for rows in (5, 40):  # 5 rows < longest sequence (two-phase); 40 fits them (aligned)
         out, grads = run_ours(inp, cfg, backend, 0.9, chunk_bytes=rows * 53 * 4)
         check(out, grads, ref, torch.float32)
@@ -153,7 +153,7 @@ def test_linear_logprobs(backend, device, rng):
         inp, _ = make_inputs(2, 19, 37, 89, dtype=dtype, device=device, gen=rng, bias=True)
         lp = linear_logprobs(inp["hidden"], inp["weight"], inp["labels"], bias=inp["bias"],
                              backend=backend)
-        ref = reference_grads(inp, IWConfig(mode="sft"), 1.0)["token_logprobs"]
+        ref = oracle_grads(inp, IWConfig(mode="sft"), 1.0)["token_logprobs"]
         assert lp.shape == (2 * 19,) and lp.dtype == torch.float32 and not lp.requires_grad
         assert (lp[inp["labels"].reshape(-1) == -100] == 0).all()
         assert rel(lp, ref) < tol
@@ -184,7 +184,7 @@ def test_single_token_sequences(backend, device, rng):
     inp["cu_seqlens"] = cu
     cfg = IWConfig(mode="sequence", w_max=3.0)
     out, grads = run_ours(inp, cfg, backend, 1.1)
-    ref = reference_grads(inp, cfg, 1.1)
+    ref = oracle_grads(inp, cfg, 1.1)
     check(out, grads, ref, torch.float32)
     torch.testing.assert_close(out.seq_weights, out.token_weights)
 
@@ -193,7 +193,7 @@ def test_normalizer(backend, device, rng):
     inp, _ = make_inputs(2, 15, 18, 39, device=device, gen=rng)
     cfg = IWConfig(mode="sequence")
     out, grads = run_ours(inp, cfg, backend, 1.0, normalizer=torch.tensor(123.0))
-    ref = reference_grads(inp, cfg, 1.0, normalizer=123.0)
+    ref = oracle_grads(inp, cfg, 1.0, normalizer=123.0)
     check(out, grads, ref, torch.float32)
 
 
@@ -206,7 +206,7 @@ def test_clip_bounds_and_extreme_ratios(backend, device, rng):
     inp["ref_logprobs"] = ref
     cfg = IWConfig(mode="token", temperature=50.0)
     out, grads = run_ours(inp, cfg, backend, 0.5)
-    r = reference_grads(inp, cfg, 0.5)
+    r = oracle_grads(inp, cfg, 0.5)
     check(out, grads, r, torch.float32)
     w = out.token_weights.reshape(2, 20)
     assert torch.all(w[0, :10] == 1.8)
@@ -225,7 +225,7 @@ def test_sequence_sum_overflow_is_clipped_in_log_space(backend, device, rng):
     assert float(out.seq_weights[1]) == 0.0
     for g in grads.values():
         assert torch.isfinite(g).all()
-    check(out, grads, reference_grads(inp, cfg, 1.0), torch.float32)
+    check(out, grads, oracle_grads(inp, cfg, 1.0), torch.float32)
 
 
 def test_stats(backend, device, rng):
@@ -233,7 +233,7 @@ def test_stats(backend, device, rng):
     cfg = IWConfig(mode="sequence", w_max=1.2, temperature=3.0)
     out = linear_iwsft_loss(**{k: v for k, v in inp.items() if v is not None}, config=cfg,
                             backend=backend)
-    r = reference_grads(inp, cfg, 1.0)
+    r = oracle_grads(inp, cfg, 1.0)
     seq_has_target = torch.zeros(S, dtype=torch.bool)
     mask = inp["labels"].reshape(-1).cpu() != -100
     seg = torch.searchsorted(inp["cu_seqlens"].cpu()[1:], torch.arange(mask.numel()), right=True)

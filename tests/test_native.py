@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from helpers import make_inputs, reference_grads, rel
+from helpers import make_inputs, oracle_grads, rel
 from iwsft_kernels import IWConfig, linear_iwsft_loss
 from iwsft_kernels.backends import native_cpu as native
 from iwsft_kernels.backends.rows import RowStats
@@ -462,7 +462,7 @@ def test_loss_native_vs_pure(lib, rng, monkeypatch, mode, opts, dtype, chunk_byt
     monkeypatch.setenv("IWSFT_NO_NATIVE", "1")
     out_p, g_p = run_ours(inp, cfg, "torch", -0.7, quality=q, **kw)
     monkeypatch.delenv("IWSFT_NO_NATIVE")
-    ref = reference_grads(inp, cfg, -0.7, quality=q)
+    ref = oracle_grads(inp, cfg, -0.7, quality=q)
     check(out_n, g_n, ref, dtype)
     check(out_p, g_p, ref, dtype)
     # and the two paths agree with each other to fp32 rounding (the bf16 inputs are the same
@@ -484,7 +484,7 @@ def test_loss_native_peaked(lib, rng, monkeypatch, p):
     out, grads = run_ours(inp, cfg, "torch", 1.7)
     monkeypatch.setenv("IWSFT_NO_NATIVE", "1")
     out_p, grads_p = run_ours(inp, cfg, "torch", 1.7)
-    ref = reference_grads(inp, cfg, 1.7)
+    ref = oracle_grads(inp, cfg, 1.7)
     check(out, grads, ref, torch.float32)
     check(out_p, grads_p, ref, torch.float32)
     for k in ("hidden", "weight"):
@@ -515,7 +515,7 @@ def test_fallback_when_build_fails(fresh_state, monkeypatch, capsys, rng):
     inp, _ = make_inputs(3, 11, 24, 67, gen=rng, bias=True)
     cfg = IWConfig(mode="sequence")
     out, grads = run_ours(inp, cfg, "torch", 0.9)
-    check(out, grads, reference_grads(inp, cfg, 0.9), torch.float32)
+    check(out, grads, oracle_grads(inp, cfg, 0.9), torch.float32)
     assert "native CPU epilogue" not in capsys.readouterr().err  # no second notice
 
 

@@ -7,7 +7,7 @@ logp would be a multiple of 2^-24 near 0 and exactly 0 for 1 - p_y < 6e-8, and t
 gradient entry 0 while the others are not (the row's gradient no longer sums to zero).
 
 Paths: torch backend with the native C++ epilogue, the pure torch ops (IWSFT_NO_NATIVE=1),
-the Triton kernels (interpreter on CPU). The float64 oracle (iwsft_kernels.reference) writes
+the Triton kernels (interpreter on CPU). The float64 oracle (iwsft_kernels.oracle) writes
 log p_y = -softplus(logsumexp_{j != y} z_j - z_y), itself exact here (float64 log_softmax is
 not: ~5e-4 relative at 1 - p_y = 1e-12).
 
@@ -30,7 +30,7 @@ from iwsft_kernels.config import IDENTITY
 from iwsft_kernels.backends import native_cpu as native
 from iwsft_kernels.backends import torch_ops
 from iwsft_kernels.core import select_ops
-from iwsft_kernels.reference import reference_iwsft
+from iwsft_kernels.oracle import oracle_iwsft
 
 EPS = [1e-6, 1e-8, 1e-10, 1e-12]  # 1 - p_y of every target row
 PATHS = ["torch+native", "torch", "triton"]
@@ -90,7 +90,7 @@ def _row_rel(a, b):
 def _reference(inp, ref_lp, cfg, grad_out):
     h = inp["hidden"].double().requires_grad_()
     W = inp["weight"].double().requires_grad_()
-    r = reference_iwsft(h, W, inp["labels"], ref_lp.double(), bias=inp["bias"].double(),
+    r = oracle_iwsft(h, W, inp["labels"], ref_lp.double(), bias=inp["bias"].double(),
                         config=cfg)
     (r["loss"] * grad_out).backward()
     return r["token_logprobs"], h.grad, W.grad
@@ -172,7 +172,7 @@ def test_peaked_linear_logprobs_exact(path, rng, dtype):
     N, H, V = 40, 24, 301
     eps = torch.tensor(EPS * (N // len(EPS)), dtype=torch.float64)
     inp, _ = make_peaked(N, H, V, eps, dtype, rng, n_ignored=4)
-    lp64 = reference_iwsft(inp["hidden"].double(), inp["weight"].double(), inp["labels"],
+    lp64 = oracle_iwsft(inp["hidden"].double(), inp["weight"].double(), inp["labels"],
                            bias=inp["bias"].double(), config=IWConfig(mode="sft"))["token_logprobs"]
     lp = linear_logprobs(*(inp[k].to(DEVICE) for k in ("hidden", "weight", "labels")),
                          bias=inp["bias"].to(DEVICE), backend=path)

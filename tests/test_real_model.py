@@ -29,6 +29,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
 
+from bench.real_model_exactness import f64_logprobs as f64_token_logprobs  # noqa: E402
+from bench.real_model_exactness import greedy_batch  # noqa: E402
 from iwsft_kernels import IWConfig  # noqa: E402
 from iwsft_kernels.integrations import apply_iwsft_to_model, remove_iwsft_patch  # noqa: E402
 
@@ -53,41 +55,11 @@ def smol(smollm2_dir):
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     model.eval()  # no dropout anywhere; eval only for generate
-    tok.padding_side = "left"
-    enc = tok.apply_chat_template([[{"role": "user", "content": p}] for p in PROMPTS],
-                                  add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True, padding=True)
-    tok.padding_side = "right"
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    P = enc["input_ids"].shape[1]
-    rows, answers = [], []
-    for b in range(len(PROMPTS)):
-        prompt = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
-        gen = out[b, P:].tolist()
-        if tok.eos_token_id in gen:  # keep the end-of-turn token, drop the padding after it
-            gen = gen[: gen.index(tok.eos_token_id) + 1]
-        answers.append(tok.decode(gen, skip_special_tokens=True).strip())
-        rows.append((prompt + gen, [IGNORE] * len(prompt) + gen))
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), tok.pad_token_id)
-    labels = torch.full((len(rows), T), IGNORE)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, (i, y) in enumerate(rows):
-        ids[b, :len(i)], labels[b, :len(y)], mask[b, :len(i)] = (
-            torch.tensor(i), torch.tensor(y), 1)
+    batch, answers = greedy_batch(model, tok, PROMPTS, NEW_TOKENS)
     assert all(answers), answers
     model.train()
     return {"dir": smollm2_dir, "tok": tok, "model": model, "answers": answers,
-            "batch": {"input_ids": ids, "attention_mask": mask, "labels": labels}}
-
-
-def f64_token_logprobs(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log p(y) per row of float64 logits z, exact as p_y -> 1."""
-    zy = z.gather(1, y[:, None])[:, 0]
-    rest = z.scatter(1, y[:, None], float("-inf")).logsumexp(1)
-    return -F.softplus(rest - zy)
+            "batch": batch}
 
 
 def shifted(labels):

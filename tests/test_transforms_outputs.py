@@ -1,5 +1,5 @@
 """Logit transforms (scale, softcap, temperature), the fused per-token outputs (entropy, top1,
-lse) and the z-loss (docs/design.md §9), against the float64 oracle (iwsft_kernels.reference:
+lse) and the z-loss (docs/design.md §9), against the float64 oracle (iwsft_kernels.oracle:
 materialised float64 logits, the transform from its definition, exact log-probs as p_y -> 1).
 
 Every check runs on three paths: the torch backend with the native C++ epilogue
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import BACKENDS, DEVICE
-from helpers import make_inputs, reference_grads, rel
+from helpers import make_inputs, oracle_grads, rel
 from iwsft_kernels import (IWConfig, LinearIWSFTLoss, LogitTransform, LogProbsOutput, core,
                            linear_iwsft_loss, linear_logprobs)
 from iwsft_kernels.backends import native_cpu as native
 from iwsft_kernels.backends.chunked import rows_per_chunk
 from iwsft_kernels.backends.torch_ops import TorchOps
 from iwsft_kernels.config import IDENTITY, OUTPUTS
-from iwsft_kernels.reference import reference_iwsft, transformed_logits
+from iwsft_kernels.oracle import oracle_iwsft, transformed_logits
 
 ALL = ("entropy", "top1", "lse")
 PATHS = ["native", "torch"] + (["triton"] if "triton" in BACKENDS else [])
@@ -169,7 +169,7 @@ def test_against_oracle(case, path, rng):
     if call.pop("two_phase", False):  # 2-row chunks: longer sequences take the two-phase path
         call["chunk_bytes"] = 2 * V * 4 * (2 if "logit_softcap" in xf_kw else 1)
     extra = dict(z_loss=call.get("z_loss", 0.0), normalizer=call.get("normalizer"))
-    ref = reference_grads(inp, cfg, -1.3, quality=None if q is None else q.cpu(), **xf_kw,
+    ref = oracle_grads(inp, cfg, -1.3, quality=None if q is None else q.cpu(), **xf_kw,
                           **extra)
     out, grads = run(inp, cfg, path, -1.3, quality=q, outputs=ALL, **xf_kw, **call)
     _assert_path(path)
@@ -183,7 +183,7 @@ def test_bf16_inputs(mode, path, rng):
     xf_kw = dict(logit_scale=1.3, logit_softcap=4.0, logit_temperature=0.9)
     cfg = IWConfig(mode=mode, self_normalize=True)
     q = (2 * torch.rand(S, generator=rng)).to(DEVICE)
-    ref = reference_grads(inp, cfg, 0.6, quality=q.cpu(), z_loss=0.1, **xf_kw)
+    ref = oracle_grads(inp, cfg, 0.6, quality=q.cpu(), z_loss=0.1, **xf_kw)
     out, grads = run(inp, cfg, path, 0.6, quality=q, z_loss=0.1, outputs=("entropy", "lse"),
                      **xf_kw)
     _assert_path(path)
@@ -243,7 +243,7 @@ def test_peaked_exact(xf, path, rng):
     inp, q = make_peaked(xf_kw, rng)
     inp = {k: v.to(DEVICE) for k, v in inp.items()}
     cfg = IWConfig(mode="token")
-    ref = reference_grads(inp, cfg, 1.7, z_loss=0.01, **xf_kw)
+    ref = oracle_grads(inp, cfg, 1.7, z_loss=0.01, **xf_kw)
     out, grads = run(inp, cfg, path, 1.7, z_loss=0.01, outputs=ALL, **xf_kw)
     _assert_path(path)
     mask = inp["labels"].cpu() != -100
@@ -272,7 +272,7 @@ def test_zloss_gradient_not_self_normalised(mode, chunk_rows, path, rng):
     zl = 0.3
     kw = {} if chunk_rows is None else dict(chunk_bytes=chunk_rows * V * 4)
     out, grads = run(inp, cfg, path, 0.8, z_loss=zl, **kw)
-    ref = reference_grads(inp, cfg, 0.8, z_loss=zl)
+    ref = oracle_grads(inp, cfg, 0.8, z_loss=zl)
     check_all(out, grads, ref, inp, {}, outputs=())
     if mode == "sft":
         return  # sft weights are all 1: the factor is 1 (and one pass is used)
@@ -281,8 +281,8 @@ def test_zloss_gradient_not_self_normalised(mode, chunk_rows, path, rng):
                             config=IWConfig(mode=mode), backend=path)
     factor = 1.0 / float(raw.stats["weight_mean"])
     assert abs(factor - 1.0) > 0.4, factor
-    wrong = reference_grads(inp, cfg, 0.8, z_loss=zl * factor)
-    no_z = reference_grads(inp, cfg, 0.8)
+    wrong = oracle_grads(inp, cfg, 0.8, z_loss=zl * factor)
+    no_z = oracle_grads(inp, cfg, 0.8)
     for k in ("hidden", "weight"):
         assert rel(no_z["grads"][k], ref["grads"][k]) > 0.05  # the z-loss part matters
         assert rel(grads[k], wrong["grads"][k]) > 1e3 * 2e-5
@@ -299,7 +299,7 @@ def test_zloss_term_and_off(path, rng):
     for k in g0:
         assert torch.equal(g0[k], g1[k]), k
     on, _ = run(inp, cfg, path, 1.0, z_loss=0.25)
-    lse = reference_iwsft(inp["hidden"].cpu().double(), inp["weight"].cpu().double(),
+    lse = oracle_iwsft(inp["hidden"].cpu().double(), inp["weight"].cpu().double(),
                           inp["labels"].cpu(), inp["ref_logprobs"].cpu().double(),
                           bias=inp["bias"].cpu().double(), config=cfg)["lse"]
     M = int((inp["labels"] != -100).sum())
@@ -316,7 +316,7 @@ def test_zloss_term_and_off(path, rng):
 def test_linear_logprobs_outputs(xf_kw, path, rng):
     inp, _ = make_inputs(3, 7, H, V, device=DEVICE, gen=rng, bias=True)
     args = (inp["hidden"], inp["weight"], inp["labels"])
-    ref = reference_grads(inp, IWConfig(mode="sft"), 1.0, **xf_kw)
+    ref = oracle_grads(inp, IWConfig(mode="sft"), 1.0, **xf_kw)
     y = inp["labels"].reshape(-1).cpu()
     mask = y != -100
     for cb in (None, 4 * V * 4):  # one chunk; 4-row chunks
@@ -358,7 +358,7 @@ def test_top1_ties(path):
                                 config=IWConfig(mode="sft"), backend=path, outputs=("top1",),
                                 **xf_kw)
         assert torch.equal(out.top1.cpu(), want), xf_kw
-        ref = reference_iwsft(h.double(), W.double(), y, config=IWConfig(mode="sft"), **xf_kw)
+        ref = oracle_iwsft(h.double(), W.double(), y, config=IWConfig(mode="sft"), **xf_kw)
         assert torch.equal(ref["top1"], want)
 
 
@@ -545,7 +545,7 @@ def test_ops_interface_entrywise(ops, xf, rng):
     kw = dict(logit_scale=xf_.scale, logit_softcap=xf_.softcap,
               logit_temperature=xf_.temperature)
     z64 = transformed_logits(r64, **kw)
-    from iwsft_kernels.reference import _row_outputs, _target_logprob
+    from iwsft_kernels.oracle import _row_outputs, _target_logprob
 
     lp64 = _target_logprob(z64, y)
     lse64, top164, ent64 = _row_outputs(z64, y)

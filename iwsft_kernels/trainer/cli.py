@@ -19,7 +19,7 @@ import sys
 
 from .config import parse_config
 from .data import DataError  # data.py and refcache.py import transformers/datasets lazily
-from .refcache import RefCacheMismatch
+from ..refcache import RefCacheMismatch
 from .rundir import RunDirError, interrupted_message, prepare
 
 # modules of the [train] extra (pyproject.toml) the trainer imports

@@ -29,7 +29,7 @@ from .distributed import (configure_deepspeed, describe, final_state_dict, make_
                           model_freed, param_ndim, prepare_reference_model, sharding_report)
 from .metrics import (EVAL_KEYS, FUSED_OUTPUTS, OUTPUTS_KW, _to, evaluate, micro_stats,
                       sequence_weights, step_metrics)
-from .refcache import compute_ref_logprobs, fingerprint_parts, model_identity
+from ..refcache import compute_ref_logprobs, fingerprint_parts, model_identity
 from .sampler import StepSampler, rank_micro_batches
 
 

@@ -25,7 +25,6 @@ import math
 import torch
 
 from .. import IWConfig
-from ..integrations.causal_lm import sequence_starts, shift_for_next_token
 from .data import collate
 
 # what the patched model is asked to compute besides the loss (integrations/causal_lm.py)
@@ -119,21 +118,3 @@ def sequence_weights(out) -> list[float]:
     """The weight of each sequence of one micro-batch (iwsft-train: every example has target
     tokens, so every sequence counts). Token mode: the mean of its tokens' weights."""
     return out.seq_weights.detach().float().cpu().tolist()
-
-
-def sequences_with_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                           ignore_index: int = -100) -> torch.Tensor:
-    """(S,) bool, one entry per sequence in the order of the patched model's ``seq_weights``
-    (integrations/causal_lm.py: each row a sequence, or, when position_ids restart inside a
-    row, every restart a sequence over the flattened rows): whether it has a target token.
-    A sequence without targets has no weight of its own (its entry is 0)."""
-    starts = sequence_starts(labels, position_ids)
-    targets = shift_for_next_token(labels, starts, ignore_index) != ignore_index
-    if bool(starts[:, 1:].any()):  # packed: the flattened restarts are the sequences
-        seg = starts.reshape(-1).long().cumsum(0) - 1
-        S = int(starts.sum())
-    else:
-        seg = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-        seg, S = seg.reshape(-1), labels.shape[0]
-    counts = torch.bincount(seg[targets.reshape(-1)], minlength=S)
-    return counts > 0

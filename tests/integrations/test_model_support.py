@@ -172,8 +172,7 @@ def test_trainer_uses_the_same_guard(ms):
     from iwsft_kernels.integrations.trl import IWSFTTrainer
 
     def stub(model):
-        return types.SimpleNamespace(model=model, accelerator=types.SimpleNamespace(),
-                                     _unwrapped_lm=IWSFTTrainer._unwrapped_lm)
+        return types.SimpleNamespace(model=model, accelerator=types.SimpleNamespace())
 
     IWSFTTrainer._check_supported(stub(ms.build("gemma2")))  # softcap: supported now
     IWSFTTrainer._check_supported(stub(ms.build("mixtral", ms.AUX_ON)))  # router aux: too

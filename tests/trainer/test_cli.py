@@ -404,7 +404,7 @@ def test_reference_pass_says_it_resumes_from_cached_batches(tmp_path, capsys):
     import accelerate
     from test_sampler_refcache import tiny_data, tiny_model
 
-    from iwsft_kernels.trainer.refcache import PrecomputeInterrupted, compute_ref_logprobs
+    from iwsft_kernels.refcache import PrecomputeInterrupted, compute_ref_logprobs
 
     acc = accelerate.Accelerator(cpu=True)
     model, data = tiny_model(), tiny_data(7)

@@ -11,7 +11,7 @@ accelerate = pytest.importorskip("accelerate")
 from iwsft_kernels import IWConfig  # noqa: E402
 from iwsft_kernels.integrations import apply_iwsft_to_model  # noqa: E402
 from iwsft_kernels.trainer.data import Example, TokenizedData  # noqa: E402
-from iwsft_kernels.trainer.refcache import (  # noqa: E402
+from iwsft_kernels.refcache import (  # noqa: E402
     PrecomputeInterrupted,
     RefCacheMismatch,
     compute_ref_logprobs,

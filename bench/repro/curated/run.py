@@ -52,6 +52,7 @@ if __name__ == "__main__":  # the command line: pin torch's CPU kernels before t
 
     pin_cpu_kernels()
 
+from bench.bench_loss import cpu_model  # noqa: E402
 from bench.repro import mkl_branch  # noqa: E402
 from bench.repro.curated import policy, task  # noqa: E402
 
@@ -164,19 +165,6 @@ def pinned_numerics(native: bool = False):
             os.environ.pop("IWSFT_NO_NATIVE", None)
         else:
             os.environ["IWSFT_NO_NATIVE"] = env
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:

@@ -1,4 +1,4 @@
-"""Naive reference of docs/design.md §1: materialises the logits, float64-capable, for tests.
+"""The float64 oracle of docs/design.md §1: materialises the logits, float64-capable, for tests.
 
 Written independently of the fused path (plain loops over sequences, no chunking) so that it
 can serve as an oracle. Not for training: it allocates N x V.
@@ -67,7 +67,7 @@ def _row_outputs(z, y):
     return lse, top1, ent
 
 
-def reference_iwsft(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=None, bias=None,
+def oracle_iwsft(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=None, bias=None,
                     quality=None, config=IWConfig(), ignore_index=-100, normalizer=None,
                     dtype=torch.float64, logit_scale=1.0, logit_softcap=None,
                     logit_temperature=1.0, z_loss=0.0):

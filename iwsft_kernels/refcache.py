@@ -1,4 +1,6 @@
-"""Reference log-probs log q_ref(y_t | y_<t), computed once before training and cached on disk.
+"""Reference log-probs log q_ref(y_t | y_<t), computed once before training and cached on disk:
+the pass, the fingerprints of its inputs and the store, shared by both trainers (iwsft-train in
+trainer/, IWSFTTrainer in integrations/trl/); it imports neither.
 
 Layout of a cache folder:
   meta.json          fingerprint + its components (data, tokenizer, template, model, max_length)
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .data import TokenizedData, collate
+IGNORE = -100
 
 
 class RefCacheMismatch(RuntimeError):
@@ -32,8 +34,9 @@ class PrecomputeInterrupted(RuntimeError):
     """Raised by the `_stop_after_batches` test hook."""
 
 
-def fingerprint_parts(data: TokenizedData, tokenizer, model_identity: str,
-                      max_length: int) -> dict:
+def fingerprint_parts(data, tokenizer, model_identity: str, max_length: int) -> dict:
+    """The cache key's parts for iwsft-train's tokenized data (trainer/data.py:TokenizedData:
+    ``fingerprint()`` and ``examples``)."""
     tok_json = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") \
         else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     sha = lambda s: hashlib.sha256(s.encode()).hexdigest()[:16]  # noqa: E731
@@ -114,6 +117,17 @@ def model_identity(name: str, config, seed: int | None = None,
     return f"{name}|{h.hexdigest()[:16]}{suffix}"
 
 
+def pad_collate(examples, pad_id: int) -> dict:
+    """Right-padded (B, T) ``input_ids`` / ``attention_mask`` / ``labels`` (-100 on padding) of
+    items with ``input_ids`` and ``labels``: the default batch of the reference pass."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    ids = [torch.as_tensor(ex.input_ids, dtype=torch.long) for ex in examples]
+    return {"input_ids": pad(ids, batch_first=True, padding_value=pad_id),
+            "attention_mask": pad([torch.ones_like(t) for t in ids], batch_first=True),
+            "labels": pad([torch.as_tensor(ex.labels, dtype=torch.long) for ex in examples],
+                          batch_first=True, padding_value=IGNORE)}
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -121,15 +135,16 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 @torch.no_grad()
-def compute_ref_logprobs(accelerator, model, data: TokenizedData, cache_dir: str | Path,
+def compute_ref_logprobs(accelerator, model, data, cache_dir: str | Path,
                          parts: dict, pad_id: int, batch_size: int = 8,
                          _stop_after_batches: int | None = None,
                          collate_fn=None) -> list[torch.Tensor]:
     """Per example, a (len(input_ids),) fp32 tensor aligned with its labels.
 
     `data.examples` only needs items with `input_ids` (for the lengths); `collate_fn(examples)`
-    (default: `collate(examples, pad_id)`) makes the model's keyword arguments, row j of the
-    batch holding example j from column 0 (right padding, or one packed row per batch)."""
+    (default: :func:`pad_collate` with `pad_id`, for items that also have `labels`) makes the
+    model's keyword arguments, row j of the batch holding example j from column 0 (right
+    padding, or one packed row per batch)."""
     cache = Path(cache_dir)
     fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     meta = {"fingerprint": fp, "parts": parts, "batch_size": batch_size}
@@ -178,8 +193,7 @@ def compute_ref_logprobs(accelerator, model, data: TokenizedData, cache_dir: str
                 raise PrecomputeInterrupted(f"stopped after {n_round * world} batches")
             k = ks[rank] if rank < len(ks) else ks[0]
             exs = [data.examples[i] for i in batches[k]]
-            b = collate(exs, pad_id) if collate_fn is None else collate_fn(exs)
-            b.pop("quality", None)
+            b = pad_collate(exs, pad_id) if collate_fn is None else collate_fn(exs)
             b = {n: t.to(accelerator.device) if torch.is_tensor(t) else t for n, t in b.items()}
             lp = model(**b, return_logprobs_only=True).token_logprobs.float().cpu()
             if rank < len(ks):
