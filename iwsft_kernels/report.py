@@ -81,6 +81,7 @@ class Run:
     total_steps: int | None = None
     weights: dict | None = None  # last_step_weights.json
     notes: list[str] = field(default_factory=list)
+    eval_set: str | None = None  # what the eval set is (iwsft-train's summary.json)
 
 
 # --------------------------------------------------------------------------------- numbers
@@ -201,6 +202,7 @@ def _load_iwsft_train(path: Path) -> Run:
     if summary:
         run.mode = summary.get("mode")
         run.total_steps = summary.get("total_steps")
+        run.eval_set = summary.get("eval_set")
         before = {k: summary[f"eval_{k}_before"] for k in EVAL_KEYS
                   if f"eval_{k}_before" in summary}
         if before:
@@ -477,6 +479,8 @@ def markdown(run: Run, pngs: list[Path], out: Path, plots_note: str | None) -> s
     if run.eval:
         lines += ["", "## Evaluation", "", "| step | " + " | ".join(EVAL_KEYS) + " |",
                   "|---" * (len(EVAL_KEYS) + 1) + "|"]
+        if run.eval_set:
+            lines[-2:-2] = [f"Eval set: {run.eval_set}.", ""]
         for e in run.eval:
             lines.append(f"| {e['step']} | " + " | ".join(fmt(e.get(k)) for k in EVAL_KEYS)
                          + " |")

@@ -45,7 +45,8 @@ def iwsft_train_folder(d: Path, steps: int = 6) -> dict:
     summary = {"mode": "sequence", "steps": steps, "total_steps": steps,
                "eval_loss_before": 11.93, "eval_entropy_before": 11.92,
                "eval_mean_token_accuracy_before": 0.0109, "eval_loss_after": 10.5,
-               "eval_entropy_after": 11.7, "eval_mean_token_accuracy_after": 0.0625}
+               "eval_entropy_after": 11.7, "eval_mean_token_accuracy_after": 0.0625,
+               "eval_set": "held-out 2 examples of data.jsonl (--eval-fraction 0.1, seed 0)"}
     (d / "summary.json").write_text(json.dumps(summary))
     report.write_last_step_weights(d, trainer="iwsft-train", step=steps, mode="sequence",
                                    weights=[0.5, 1.25, 2.0, 3.75, 16.0], w_min=0.0, w_max=16.0)
@@ -95,6 +96,7 @@ def test_iwsft_train_folder(tmp_path):
     # eval: before (summary) at step 0, after (the last line) at step 6, not duplicated
     assert "| 0 | 11.93 | 11.92 | 0.0109 |" in text
     assert text.count("| 6 | 10.5 | 11.7 | 0.0625 |") == 1
+    assert "Eval set: held-out 2 examples of data.jsonl (--eval-fraction 0.1, seed 0)." in text
     # the weights: mean 4.7, median 2, ESS (23.5^2 / 276.125 / 5)
     ess = 23.5 ** 2 / (0.25 + 1.5625 + 4 + 14.0625 + 256) / 5
     assert "5 sequences" in text and "mean 4.7" in text and "median 2," in text

@@ -6,7 +6,8 @@
 
 Before any work: the options are validated (config.py), the [train] extra must be installed,
 and the output folder must be writable and not hold an earlier run unless --resume or
---overwrite says what to do with it (rundir.py). Errors print one message and exit 2.
+--overwrite says what to do with it (rundir.py). Errors print one message and exit 2; a run
+that diverges (non-finite steps, guard.py) exits 3; Ctrl-C 130, SIGTERM 143.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from .config import parse_config
 from .data import DataError  # data.py and refcache.py import transformers/datasets lazily
 from ..refcache import RefCacheMismatch
+from .guard import EXIT_DIVERGED, Diverged
 from .rundir import RunDirError, interrupted_message, prepare
 
 # modules of the [train] extra (pyproject.toml) the trainer imports
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if term else 130  # the shell's codes for SIGTERM / SIGINT
     except (DataError, RefCacheMismatch, RunDirError, ValueError) as e:  # ModelLoadError too
         return _err(str(e))
+    except Diverged as e:  # summary.json written, final/ not; the message says how to go on
+        if main_process:
+            print(f"iwsft-train: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 

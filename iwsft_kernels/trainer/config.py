@@ -49,6 +49,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 3  # the run stops after this many consecutive NaN/inf steps
     bf16: str = "auto"  # auto (bf16 on CUDA) | yes | no
     gradient_checkpointing: bool = False
     liger: bool = False  # Liger kernels for RMSNorm/RoPE/SwiGLU (CUDA only)
@@ -65,7 +66,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: bool = False  # continue the run already in output_dir from its last checkpoint
     overwrite: bool = False  # delete the run already in output_dir and start over
-    eval_examples: int = 16  # eval loss/entropy/accuracy before/after on the first examples
+    eval_examples: int | None = None  # eval set size; None: 16 training / all held-out examples
+    eval_data: str | None = None  # held-out eval file (same formats as --data)
+    eval_fraction: float | None = None  # hold out this fraction of --data (by --seed)
     log_with: str = "auto"  # auto (tensorboard when installed) | none | any accelerate tracker
     report: bool = True  # write OUTPUT_DIR/report/ (plots + report.md) at the end
     stop_after_steps: int | None = None  # stop early (after checkpointing), e.g. to test resume
@@ -110,11 +113,12 @@ _RANGES = {
     "max_examples": (1, True), "max_length": (2, True), "epochs": (1, True),
     "max_steps": (1, True), "micro_batch_size": (1, True), "grad_accum": (1, True),
     "ref_batch_size": (1, True), "save_every": (0, True), "keep_checkpoints": (0, True),
-    "eval_examples": (0, True), "stop_after_steps": (1, True), "seed": (0, True),
+    "eval_examples": (0, True), "eval_fraction": (0, False), "max_nonfinite_steps": (0, True),
+    "stop_after_steps": (1, True), "seed": (0, True),
     "lr": (0, False), "warmup_ratio": (0, True), "weight_decay": (0, True),
     "adam_beta1": (0, True), "adam_beta2": (0, True), "max_grad_norm": (0, True),
 }
-_BELOW_ONE = ("warmup_ratio", "adam_beta1", "adam_beta2")  # these must also be < 1 (<= 1: warmup)
+_BELOW_ONE = ("warmup_ratio", "adam_beta1", "adam_beta2", "eval_fraction")  # these must also be < 1 (<= 1: warmup)
 
 HELP = {
     "model": "HF hub name or local model folder; 'embedded-default' is the bundled tiny "
@@ -149,6 +153,11 @@ HELP = {
     "adam_beta1": "AdamW beta1, in [0, 1)",
     "adam_beta2": "AdamW beta2, in [0, 1)",
     "max_grad_norm": "gradient clipping norm (0: no clipping)",
+    "max_nonfinite_steps": "a step whose loss or gradient norm is NaN/inf is skipped (no "
+                           "optimizer update; the schedule advances) and counted; after N "
+                           "consecutive ones the run stops with exit status 3, keeps its last "
+                           "good checkpoint and saves no final model (0 or 1: stop at the "
+                           "first; default: 3)",
     "bf16": "bf16 mixed precision: auto (on CUDA), yes, no",
     "gradient_checkpointing": "recompute activations in backward (less memory)",
     "liger": "Liger kernels for RMSNorm/RoPE/SwiGLU (CUDA only; pip install liger-kernel)",
@@ -168,7 +177,12 @@ HELP = {
     "overwrite": "delete the run already in OUTPUT_DIR (checkpoints, metrics, final model, "
                  "reference cache) and start over",
     "eval_examples": "eval loss, entropy and token accuracy before/after on the first N "
-                     "examples",
+                     "examples of the eval set (default: 16 of the training examples, or all "
+                     "the held-out ones with --eval-data / --eval-fraction)",
+    "eval_data": "held-out eval data (file or dataset, same formats as --data), not trained "
+                 "on (default: none: the eval set is the first training examples)",
+    "eval_fraction": "hold out this fraction of --data for evaluation (chosen by --seed, "
+                     "removed from training), in (0, 1); excludes --eval-data",
     "log_with": "experiment tracker: auto (tensorboard when installed), none, or an "
                 "accelerate tracker",
     "report": "at the end, write OUTPUT_DIR/report/: report.md and PNG plots of the run "
@@ -283,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="An OUTPUT_DIR that already holds a run is not silently restarted: pass --resume "
                "to continue it or --overwrite to start over. Boolean options take "
                f"{BOOL_SPELLINGS}; alone, they mean true. IWSFT_NO_NATIVE=1 skips the native "
-               "CPU epilogue (and its one-time compile).",
+               "CPU epilogue (and its one-time compile). Exit status: 0 done, 2 a bad option, "
+               "data or output folder, 3 the run diverged (see --max-nonfinite-steps), 130 "
+               "Ctrl-C, 143 SIGTERM (both checkpoint-resumable).",
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -355,6 +371,9 @@ def check_config(cfg: TrainConfig) -> None:
     """Checks that need several options together (each option alone is checked on parsing)."""
     from .. import IWConfig
 
+    if cfg.eval_data is not None and cfg.eval_fraction is not None:
+        raise ConfigError("--eval-data and --eval-fraction exclude each other: --eval-data "
+                          "evaluates on another file, --eval-fraction holds out part of --data")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the "
                           "run in the output folder, --overwrite deletes it")

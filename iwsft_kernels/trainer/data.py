@@ -277,6 +277,23 @@ def tokenize_dataset(ds, tokenizer, *, max_length: int, trace_source: str = "dee
     return out
 
 
+def hold_out(data: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData,
+                                                                      list[Example]]:
+    """(training data, held-out examples): round(fraction * n) examples (at least 1) of the n
+    usable ones, drawn by `seed` (its own generator: the global RNG is not touched) and removed
+    from training; both keep their order in the data."""
+    n = len(data.examples)
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"--eval-fraction {fraction} of the {n} usable examples holds out {k}, "
+                        f"leaving none to train on: lower it, or use more data")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(perm[:k])
+    train = TokenizedData([ex for i, ex in enumerate(data.examples) if i not in held],
+                          data.n_rows, data.n_truncated, data.skipped)
+    return train, [ex for i, ex in enumerate(data.examples) if i in held]
+
+
 # ------------------------------------------------------------------------------- batching
 def collate(examples: list[Example], pad_id: int, ref: list[torch.Tensor] | None = None,
             packing: bool = False) -> dict:

@@ -32,7 +32,8 @@ RUN_DIRS = ("checkpoints", "final", "ref_logprobs", "iwsft", "report")
 # options that may differ between a run and its --resume (they do not change the steps)
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "config", "log_with",
                      "output_dir", "save_every", "keep_checkpoints", "ref_batch_size",
-                     "ref_cache", "eval_examples", "report"}
+                     "ref_cache", "eval_examples", "report", "max_nonfinite_steps",
+                     "lr"}  # lr: e.g. to continue a diverged run at a lower rate
 
 
 class RunDirError(ValueError):

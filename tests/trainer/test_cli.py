@@ -304,15 +304,6 @@ def test_default_run_checkpoints_often_enough_to_resume():
 
 
 # ----------------------------------------------------------------- real interruptions
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -365,15 +356,15 @@ def test_kill_then_rerun_resume_and_overwrite(tmp_path, capsys, fresh_accelerate
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch, fresh_accelerate_state):
-    import iwsft_kernels.trainer.loop as loop
+    import iwsft_kernels.trainer.checkpoint as checkpoint
 
-    real = loop._save_checkpoint
+    real = checkpoint.save_checkpoint
 
     def save_then_interrupt(*a, **k):
         path = real(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_interrupt)
     out = tmp_path / "run"
     assert cli.main(SMALL + ["--mode", "sft", "--max-steps", "2", "--save-every", "1",
                              "--output-dir", str(out)]) == 130

@@ -39,13 +39,7 @@ TWO = ["--micro-batch-size", "1", "--grad-accum", "2"]  # ... and on two
 TOL = dict(rtol=1e-5, atol=2e-5)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
 
 
 def _save_model(path: Path, tie: bool, seed: int) -> Path:

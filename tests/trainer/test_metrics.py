@@ -20,13 +20,7 @@ ARGS = ["--max-examples", "16", "--max-length", "96", "--micro-batch-size", "2",
         "--warmup-ratio", "0", "--lr", "1e-2"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
 
 
 def oracle(model, examples) -> dict:

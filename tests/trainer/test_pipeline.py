@@ -19,13 +19,7 @@ SMALL = ["--max-examples", "16", "--max-length", "160", "--micro-batch-size", "2
          "--eval-examples", "4", "--log-with", "none", "--warmup-ratio", "0"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
 
 
 def metrics(out):

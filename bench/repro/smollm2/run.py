@@ -103,7 +103,7 @@ def zero_reference():
     """DFT: the trainer's reference pass returns log q = 0 for every token (w = p_y)."""
     import torch
 
-    from iwsft_kernels.trainer import loop
+    from iwsft_kernels.trainer import setup as loop  # where the run computes its reference
 
     real = loop.compute_ref_logprobs
 
