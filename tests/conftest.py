@@ -65,3 +65,15 @@ def smollm2_dir():
         return mod.smollm2_folder()
     except mod.SmolLM2Unavailable as e:
         pytest.skip(f"the real pretrained model SmolLM2-135M-Instruct is not available: {e}")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state; each in-process trainer run starts from none.
+    (Kept in this one conftest.py: a second one, in tests/trainer, would also be imported as
+    the module `conftest`, and spawned workers that `from conftest import ...` could get it.)"""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -39,7 +39,7 @@ TWO = ["--micro-batch-size", "1", "--grad-accum", "2"]  # ... and on two
 TOL = dict(rtol=1e-5, atol=2e-5)
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def _save_model(path: Path, tie: bool, seed: int) -> Path:

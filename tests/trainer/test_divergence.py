@@ -23,7 +23,7 @@ SMALL = ["--max-examples", "8", "--max-length", "128", "--micro-batch-size", "2"
          "--warmup-ratio", "0"]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def metrics(out):

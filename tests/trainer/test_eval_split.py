@@ -18,7 +18,7 @@ SMALL = ["--max-length", "64", "--micro-batch-size", "2", "--grad-accum", "1",
          "--log-with", "none", "--report", "false", "--warmup-ratio", "0", "--max-steps", "2"]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def fake(n):

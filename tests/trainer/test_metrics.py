@@ -20,7 +20,7 @@ ARGS = ["--max-examples", "16", "--max-length", "96", "--micro-batch-size", "2",
         "--warmup-ratio", "0", "--lr", "1e-2"]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def oracle(model, examples) -> dict:

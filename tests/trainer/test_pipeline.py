@@ -19,7 +19,7 @@ SMALL = ["--max-examples", "16", "--max-length", "160", "--micro-batch-size", "2
          "--eval-examples", "4", "--log-with", "none", "--warmup-ratio", "0"]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def metrics(out):

@@ -26,7 +26,7 @@ from test_distributed import (COMMON, REPO, TWO, _env, _launch_cmd,  # noqa: E40
 from iwsft_kernels.trainer import tensor_parallel as tp  # noqa: E402
 from iwsft_kernels.trainer.cli import main  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 V = 151936
 
 
