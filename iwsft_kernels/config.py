@@ -118,3 +118,44 @@ class LogitTransform:
 
 
 IDENTITY = LogitTransform()
+
+
+# ------------------------------------------------------------------ vocabulary parallelism
+@dataclass(frozen=True)
+class VocabParallel:
+    """The lm_head sharded over the vocabulary across a tensor-parallel process group
+    (docs/distributed.md): this rank holds rows [start, stop) of the (V, H) weight (and of the
+    bias). Pass it as ``vocab_parallel=`` to ``linear_iwsft_loss`` / ``linear_logprobs`` /
+    ``LinearIWSFTLoss`` (Megatron style); a DTensor weight placed ``Shard(0)`` is detected
+    from the weight itself (then leave start / stop None; ``VocabParallel(
+    sequence_parallel=True)`` still selects the partial dH).
+
+    group: the torch.distributed process group of the shards (None: the default group).
+    start, stop: this rank's global vocabulary rows; the shards of the group must tile
+      [0, V) without overlap (checked with one all-gather per call). Labels are global ids.
+    sequence_parallel: return this rank's partial dH (the gradient through its own shard
+      only) instead of the SUM over the group, for a caller that reduce-scatters it itself
+      (Megatron's sequence parallelism).
+    """
+
+    group: object = None
+    start: int | None = None
+    stop: int | None = None
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        given = [v is not None for v in (self.start, self.stop)]
+        if any(given) and not all(given):
+            raise ValueError(f"VocabParallel needs both start and stop (or neither, for a "
+                             f"DTensor weight); got start={self.start!r}, stop={self.stop!r}")
+        if all(given):
+            for name in ("start", "stop"):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"VocabParallel.{name} must be an int, got {v!r}")
+            if self.start < 0 or self.stop < self.start:
+                raise ValueError(f"VocabParallel needs 0 <= start <= stop, got "
+                                 f"[{self.start}, {self.stop})")
+        if not isinstance(self.sequence_parallel, bool):
+            raise TypeError(f"VocabParallel.sequence_parallel must be a bool, got "
+                            f"{self.sequence_parallel!r}")

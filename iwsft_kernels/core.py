@@ -19,6 +19,7 @@ import torch
 from .backends.chunked import fused_linear_iw, rows_per_chunk
 from .backends.rows import RowStats
 from .backends.torch_ops import TorchOps
+from .backends.vocab_merge import VocabParallelOps, VocabShard, reduce_grad_hidden
 from .config import IDENTITY, OUTPUTS, LogitTransform
 
 BACKENDS = ("auto", "triton", "torch")
@@ -154,7 +155,9 @@ class Prepared:
 
 
 def prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
-             ignore_index, normalizer, need_ref) -> Prepared:
+             ignore_index, normalizer, need_ref, vocab_size: int | None = None) -> Prepared:
+    """Validate and prepare; vocab_size: the global V of the labels when weight is one
+    vocabulary shard (default: weight's rows)."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     check_int("labels", labels)
@@ -162,6 +165,7 @@ def prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, con
         raise ValueError(f"hidden must be (..., H) and weight (V, H); got hidden "
                          f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
     V, H = weight.shape
+    V_labels = V if vocab_size is None else int(vocab_size)
     if hidden.shape[-1] != H:
         raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's H ({H}); "
                          f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
@@ -199,10 +203,11 @@ def prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, con
     y_all = labels.reshape(-1)
     N = y_all.numel()
     mask = y_all != ignore_index
-    bad = mask & ((y_all < 0) | (y_all >= V))
+    bad = mask & ((y_all < 0) | (y_all >= V_labels))
     if bool(bad.any()):
         v = int(y_all[bad][0])
-        raise ValueError(f"labels must be in [0, {V}) or ignore_index ({ignore_index}); found {v}")
+        raise ValueError(f"labels must be in [0, {V_labels}) or ignore_index ({ignore_index}); "
+                         f"found {v}")
 
     # sequence id of every position
     if cu_seqlens is not None:
@@ -264,12 +269,16 @@ def prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, con
     return Prepared(N=N, S=S, idx=idx, y=y, seg=seg, ref=ref, quality=quality, D=D)
 
 
-def extra_fp32_buffers(backend: str, device, xf: LogitTransform) -> int:
+def extra_fp32_buffers(backend: str, device, xf: LogitTransform,
+                       shard: VocabShard | None = None) -> int:
     """Extra fp32 (m, V) buffers per chunk the backend's ops allocate under this transform
-    (the torch ops' dz/dr buffer when a softcap is on; 0 otherwise)."""
+    (the torch ops' dz/dr buffer when a softcap is on; 0 otherwise); shard: for the ops of a
+    vocabulary shard."""
     if xf.softcap is None:
         return 0
     ops = select_ops(backend, torch.device(device))
+    if shard is not None:
+        ops = VocabParallelOps(ops, shard)
     return int(getattr(ops, "softcap_extra_buffers", 0))
 
 
@@ -285,14 +294,45 @@ def default_chunk_rows(V: int, num_rows: int, compute_dtype, device_type: str,
 
 
 def chunk_rows_for(weight, chunk_bytes, compute_dtype, num_rows: int,
-                   extra_fp32: int = 0) -> int:
+                   extra_fp32: int = 0, shard: VocabShard | None = None) -> int:
     """Rows per logits chunk for a call with num_rows target rows: the caller's chunk_bytes
-    when given, else default_chunk_rows (both count ``extra_fp32`` extra fp32 buffers)."""
+    when given, else default_chunk_rows (both count ``extra_fp32`` extra fp32 buffers).
+    A vocabulary shard sizes chunks on the group's largest shard (every rank then runs the
+    same chunks, hence the same collectives)."""
     check_chunk_bytes(chunk_bytes)
+    V = weight.shape[0] if shard is None else max(shard.max_rows, 1)
     if chunk_bytes is not None:
-        return rows_per_chunk(weight.shape[0], compute_dtype, chunk_bytes, extra_fp32)
-    return default_chunk_rows(weight.shape[0], num_rows, compute_dtype, weight.device.type,
-                              extra_fp32)
+        return rows_per_chunk(V, compute_dtype, chunk_bytes, extra_fp32)
+    return default_chunk_rows(V, num_rows, compute_dtype, weight.device.type, extra_fp32)
+
+
+def setup_vocab_parallel(vocab_parallel, hidden, weight, bias, labels, ignore_index, validate):
+    """(hidden, weight, bias, VocabShard or None, validate's result): the local tensors of this
+    rank's vocabulary shard (from config.VocabParallel or a DTensor weight placed Shard(0)),
+    checked across the group (one all-gather; vocab_shard.py). ``validate(hidden, weight, bias,
+    vocab_size)`` runs the caller's own checks (prepare) BEFORE the all-gather, and their
+    outcome travels with it: when any rank's inputs are rejected, every rank raises (the
+    rejected ones their own error), instead of the others waiting in a collective. Labels are
+    then checked against the global V. Plain single-rank inputs pass through."""
+    from . import vocab_shard
+
+    hidden, weight, bias, spec = vocab_shard.resolve(vocab_parallel, hidden, weight, bias)
+    if spec is None:
+        return hidden, weight, bias, None, validate(hidden, weight, bias, None)
+    check_int("labels", labels)
+    err = out = None
+    try:
+        vocab_shard.check_rows(spec, weight)
+        out = validate(hidden, weight, bias, vocab_shard.NO_LABEL_LIMIT)
+    except (ValueError, TypeError) as e:
+        err = e
+    shard = vocab_shard.check_group(spec, labels, ignore_index, hidden.device, err)
+    y = labels.reshape(-1)
+    bad = (y != ignore_index) & (y >= shard.V)
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {shard.V}) (the global vocabulary of the "
+                         f"shards) or ignore_index ({ignore_index}); found {int(y[bad][0])}")
+    return hidden, weight, bias, shard, out
 
 
 def scatter(values, idx, N):
@@ -303,15 +343,18 @@ def scatter(values, idx, N):
 
 def forward_prepared(hidden, weight, bias, p: Prepared, config, be, chunk_rows, need_dh,
                      need_dw, need_db, xf: LogitTransform = IDENTITY, want_entropy=False,
-                     z_loss=0.0):
+                     z_loss=0.0, shard: VocabShard | None = None):
     """The loss computation on prepared inputs, no autograd: returns the FusedResult (its
     dh/dw/db cleared) and (dh, dw, db) in the inputs' shapes and dtypes (None if not needed).
     Shared by the eager autograd Function (loss.py) and the registered op (ops.py).
     xf: the logit transform; want_entropy: also the rows' entropy; z_loss: the z-loss
-    coefficient (docs/design.md §9)."""
+    coefficient (docs/design.md §9); shard: weight / bias are this rank's vocabulary shard
+    (backends/vocab_merge.py; dH is summed over the group unless shard.sequence_parallel)."""
     compute_dtype = weight.dtype
     H = weight.shape[1]
     ops = select_ops(be, hidden.device)
+    if shard is not None:
+        ops = VocabParallelOps(ops, shard)
     with torch.no_grad():
         h = hidden.detach().reshape(-1, H)
         if p.idx is not None:
@@ -325,6 +368,8 @@ def forward_prepared(hidden, weight, bias, p: Prepared, config, be, chunk_rows, 
                               z_loss=z_loss)
         dh = dw = db = None
         if need_dh:
+            if shard is not None:
+                reduce_grad_hidden(res.dh, shard)
             dh = res.dh.to(hidden.dtype)
             if p.idx is not None:
                 dh = torch.zeros(p.N, H, dtype=hidden.dtype, device=hidden.device
@@ -339,16 +384,21 @@ def forward_prepared(hidden, weight, bias, p: Prepared, config, be, chunk_rows, 
 
 
 def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes,
-             xf: LogitTransform = IDENTITY, want_entropy: bool = False):
+             xf: LogitTransform = IDENTITY, want_entropy: bool = False, vocab_parallel=None):
     """RowStats of every position (N,): logp (fp32 log-probs of the labels under the
     transformed logits), lse, top1, entropy (if asked); 0 / False at ignored positions; no
-    grad, no logits kept."""
+    grad, no logits kept. vocab_parallel: config.VocabParallel (a DTensor weight is detected)."""
     from .config import IWConfig
 
     check_float("hidden", hidden)
-    be = resolve_backend(backend, hidden.device)
-    p = prepare(hidden, weight, labels, None, None, bias, None, IWConfig(mode="sft"),
-                ignore_index, None, need_ref=False)
+
+    def validate(hidden, weight, bias, V):
+        be = resolve_backend(backend, hidden.device)
+        return be, prepare(hidden, weight, labels, None, None, bias, None, IWConfig(mode="sft"),
+                           ignore_index, None, need_ref=False, vocab_size=V)
+
+    hidden, weight, bias, shard, (be, p) = setup_vocab_parallel(
+        vocab_parallel, hidden, weight, bias, labels, ignore_index, validate)
     H = weight.shape[1]
     with torch.no_grad():
         h = hidden.detach().reshape(-1, H)
@@ -357,7 +407,9 @@ def logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes,
         h = h.to(weight.dtype)
         b = None if bias is None else bias.detach().to(weight.dtype)
         rows = chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
-                              extra_fp32_buffers(be, hidden.device, xf))
-        rs = select_ops(be, hidden.device).logprobs(h, weight.detach(), b, p.y, rows, xf,
-                                                    want_entropy)
+                              extra_fp32_buffers(be, hidden.device, xf, shard), shard)
+        ops = select_ops(be, hidden.device)
+        if shard is not None:
+            ops = VocabParallelOps(ops, shard)
+        rs = ops.logprobs(h, weight.detach(), b, p.y, rows, xf, want_entropy)
     return RowStats(*(None if t is None else scatter(t, p.idx, p.N) for t in rs))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import core, ops
-from .config import IWConfig, LogitTransform  # noqa: F401  (LogitTransform re-exported)
+from .config import IWConfig, LogitTransform, VocabParallel  # noqa: F401  (re-exported)
 from .core import BACKENDS, DEFAULT_CHUNK_BYTES  # noqa: F401  (re-exported)
 
 
@@ -76,7 +76,8 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
                       normalizer=None, backend: str = "auto",
                       chunk_bytes: int | None = None, logit_scale: float = 1.0,
                       logit_softcap: float | None = None, logit_temperature: float = 1.0,
-                      z_loss: float = 0.0, outputs=()) -> IWSFTOutput:
+                      z_loss: float = 0.0, outputs=(),
+                      vocab_parallel: VocabParallel | None = None) -> IWSFTOutput:
     """Fused linear + importance-weighted cross-entropy (docs/design.md §1-§2).
 
     hidden (..., H) and labels (...) are aligned (hidden[i] predicts labels[i]; the caller
@@ -97,6 +98,13 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     logsumexp of z_i): NOT multiplied by the importance weights or quality; its gradient is
     never self-normalised. outputs: any of ("entropy", "top1", "lse") -> the (N,) fields of
     the result (entropy costs one more reduction over the vocabulary; top1 and lse are free).
+
+    Vocabulary parallelism (docs/distributed.md): ``vocab_parallel=VocabParallel(group,
+    start, stop)`` when this rank's weight (and bias) are rows [start, stop) of the head, or a
+    DTensor weight placed Shard(0) (detected, no argument needed). Every rank of the group
+    passes the same hidden, labels and options; labels are global ids; every rank gets the
+    same loss and outputs; dW / db are the shard's (a DTensor for a DTensor weight), dH is
+    summed over the group (the partial dH with ``VocabParallel(sequence_parallel=True)``).
     """
     config = IWConfig() if config is None else config
     if not isinstance(config, IWConfig):
@@ -105,16 +113,30 @@ def linear_iwsft_loss(hidden, weight, labels, ref_logprobs=None, *, cu_seqlens=N
     z_loss = core.check_z_loss(z_loss)
     outputs = core.check_outputs(outputs)
     return _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
-                 ignore_index, normalizer, backend, chunk_bytes, xf, z_loss, outputs)
+                 ignore_index, normalizer, backend, chunk_bytes, xf, z_loss, outputs,
+                 vocab_parallel)
+
+
+def _refuse_compiled_vocab_parallel(vocab_parallel, weight):
+    from .vocab_shard import is_dtensor
+
+    if vocab_parallel is not None or is_dtensor(weight):
+        raise NotImplementedError(
+            "the vocabulary-parallel loss (vocab_parallel=... or a DTensor weight) does not run "
+            "under torch.compile: its collectives are not part of the registered op "
+            "(iwsft::linear_iwsft_fwd). Call it outside the compiled region "
+            "(torch.compiler.disable) or run eagerly")
 
 
 def _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config, ignore_index,
-          normalizer, backend, chunk_bytes, xf, z_loss, outputs) -> IWSFTOutput:
+          normalizer, backend, chunk_bytes, xf, z_loss, outputs,
+          vocab_parallel=None) -> IWSFTOutput:
     """linear_iwsft_loss with its config / transform / z_loss / outputs already validated
     (LinearIWSFTLoss validates them once, in its constructor: under torch.compile with
     dynamic shapes its float attributes may be symbolic, so they are not re-checked here)."""
     core.check_float("hidden", hidden)
     if torch.compiler.is_compiling():
+        _refuse_compiled_vocab_parallel(vocab_parallel, weight)
         # One registered op (ops.py): no graph break at the loss. Its eager implementation
         # runs the same validation and computation as below, inside the compiled graph.
         loss, logp, seq_w, token_w, stats, ex = ops.call(
@@ -123,11 +145,18 @@ def _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, confi
         return IWSFTOutput(loss=loss, token_logprobs=logp, seq_weights=seq_w,
                            token_weights=token_w, stats=stats, entropy=ex["entropy"],
                            top1=ex["top1"], lse=ex["lse"], z_loss=ex["z_loss"])
-    be = core.resolve_backend(backend, hidden.device)
-    p = core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, config,
-                     ignore_index, normalizer, need_ref=config.needs_reference)
+    def validate(hidden, weight, bias, V):  # run by setup_vocab_parallel (before its all-gather)
+        be = core.resolve_backend(backend, hidden.device)
+        return be, core.prepare(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality,
+                                config, ignore_index, normalizer,
+                                need_ref=config.needs_reference, vocab_size=V)
+
+    # a vocabulary shard: the local weight / bias (a DTensor's to_local(), differentiable)
+    hidden, weight, bias, shard, (be, p) = core.setup_vocab_parallel(
+        vocab_parallel, hidden, weight, bias, labels, ignore_index, validate)
     chunk_rows = core.chunk_rows_for(weight, chunk_bytes, weight.dtype, p.y.numel(),
-                                     core.extra_fp32_buffers(be, hidden.device, xf))
+                                     core.extra_fp32_buffers(be, hidden.device, xf, shard),
+                                     shard)
     want_entropy = "entropy" in outputs
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
@@ -138,7 +167,7 @@ def _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality, confi
     def run():
         res, grads = core.forward_prepared(hidden, weight, bias, p, config, be, chunk_rows,
                                            need_dh, need_dw, need_db, xf, want_entropy,
-                                           z_loss)
+                                           z_loss, shard)
         holder["res"] = res
         return res.loss, grads
 
@@ -171,8 +200,13 @@ class LinearIWSFTLoss(torch.nn.Module):
     def __init__(self, config: IWConfig | None = None, *, ignore_index: int = -100,
                  backend: str = "auto", chunk_bytes: int | None = None,
                  logit_scale: float = 1.0, logit_softcap: float | None = None,
-                 logit_temperature: float = 1.0, z_loss: float = 0.0, outputs=()):
+                 logit_temperature: float = 1.0, z_loss: float = 0.0, outputs=(),
+                 vocab_parallel: VocabParallel | None = None):
         super().__init__()
+        if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
+            raise TypeError(f"vocab_parallel must be an iwsft_kernels.VocabParallel or None, "
+                            f"got {type(vocab_parallel).__name__}")
+        self.vocab_parallel = vocab_parallel
         self.config = IWConfig() if config is None else config
         if not isinstance(self.config, IWConfig):
             raise TypeError(f"config must be an IWConfig, got {type(self.config).__name__}")
@@ -190,7 +224,7 @@ class LinearIWSFTLoss(torch.nn.Module):
                 quality=None, normalizer=None) -> IWSFTOutput:
         return _loss(hidden, weight, labels, ref_logprobs, cu_seqlens, bias, quality,
                      self.config, self.ignore_index, normalizer, self.backend, self.chunk_bytes,
-                     self.logit_transform, self.z_loss, self.outputs)
+                     self.logit_transform, self.z_loss, self.outputs, self.vocab_parallel)
 
     def extra_repr(self) -> str:
         s = f"config={self.config}, ignore_index={self.ignore_index}, backend={self.backend!r}"
@@ -200,6 +234,8 @@ class LinearIWSFTLoss(torch.nn.Module):
             s += f", z_loss={self.z_loss}"
         if self.outputs:
             s += f", outputs={self.outputs}"
+        if self.vocab_parallel is not None:
+            s += f", vocab_parallel={self.vocab_parallel}"
         return s
 
 
@@ -207,15 +243,19 @@ class LinearIWSFTLoss(torch.nn.Module):
 def linear_logprobs(hidden, weight, labels, bias=None, ignore_index: int = -100,
                     backend: str = "auto", chunk_bytes: int | None = None, *,
                     logit_scale: float = 1.0, logit_softcap: float | None = None,
-                    logit_temperature: float = 1.0, outputs=()):
+                    logit_temperature: float = 1.0, outputs=(),
+                    vocab_parallel: VocabParallel | None = None):
     """(N,) fp32 log-probs log_softmax(z_i)[y_i] of the labels, z_i = the transformed W h_i + b
     (see linear_iwsft_loss), 0 at ignored positions; no grad, no logits materialised. Used to
     precompute reference log-probs. With outputs (any of "entropy", "top1", "lse") returns a
-    LogProbsOutput(logprobs, entropy, top1, lse) instead (fields not asked for are None)."""
+    LogProbsOutput(logprobs, entropy, top1, lse) instead (fields not asked for are None).
+    vocab_parallel: as in linear_iwsft_loss (a DTensor weight placed Shard(0) is detected)."""
     xf = core.make_transform(logit_scale, logit_softcap, logit_temperature)
     outputs = core.check_outputs(outputs)
+    if torch.compiler.is_compiling():
+        _refuse_compiled_vocab_parallel(vocab_parallel, weight)
     rs = core.logprobs(hidden, weight, labels, bias, ignore_index, backend, chunk_bytes, xf,
-                       "entropy" in outputs)
+                       "entropy" in outputs, vocab_parallel)
     if not outputs:
         return rs.logp
     return LogProbsOutput(logprobs=rs.logp,

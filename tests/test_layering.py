@@ -25,6 +25,9 @@ LAYERS = {
     # the reference-log-prob cache (pass, fingerprints, store) of both trainers
     "iwsft_kernels.refcache": 1,
     "iwsft_kernels.backends": 2,
+    # vocabulary parallelism's setup (which shard, checked across the group); beside the
+    # backends, whose per-chunk merge (backends/vocab_merge.py) it hands the shard to
+    "iwsft_kernels.vocab_shard": 2,
     "iwsft_kernels.core": 3,
     "iwsft_kernels.ops": 4,
     "iwsft_kernels.loss": 5,

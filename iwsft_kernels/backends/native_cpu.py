@@ -265,12 +265,15 @@ class NativeTorchOps(TorchOps):
     """TorchOps with the per-chunk epilogue (chunk_forward, softmax_grad) done by the native
     CPU kernels, every logit transform and output included; chunks the kernels do not take
     (not CPU, not fp32, not a contiguous 2-D chunk, y not int64) go to the pure torch code
-    (TorchOps), whose state softmax_grad recognises and hands back to it."""
+    (TorchOps), whose state softmax_grad recognises and hands back to it. The vocabulary-
+    parallel pieces (partials, logprob_partials, softmax_grad_merged; backends/vocab_merge.py)
+    are TorchOps' own: a sharded chunk runs the pure torch epilogue (docs/distributed.md)."""
 
     name = "torch+native"
     # no (m, V) buffer beyond the chunk under a softcap (the chunk driver's budget reads this;
     # TorchOps needs one): the capped state lives in the chunk itself (NativeState)
     softcap_extra_buffers = 0
+    partials_softcap_extra_buffers = TorchOps.softcap_extra_buffers  # sharded chunks: torch's
 
     def __init__(self, lib=None):
         super().__init__()

@@ -28,3 +28,13 @@ class RowStats(NamedTuple):
 def entropy_from(rest: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
     """entropy = log1p(rest) - S1 / (1 + rest), clamped to >= 0 (fp32)."""
     return (torch.log1p(rest) - s1 / (1.0 + rest)).clamp_(min=0.0)
+
+
+def rows_from(mx, rest, tgt, s1=None) -> RowStats:
+    """RowStats of per-row (max, rest, target logit[, S1]) of the transformed logits (every
+    backend's single-rank rows, and the rows of a vocabulary-parallel merge)."""
+    log1p_rest = torch.log1p(rest)
+    return RowStats(logp=((tgt - mx) - log1p_rest).clamp_(max=0.0),
+                    lse=mx + log1p_rest,
+                    top1=tgt == mx,
+                    entropy=None if s1 is None else entropy_from(rest, s1))

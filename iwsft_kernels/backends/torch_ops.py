@@ -7,6 +7,10 @@ A logits chunk is (m, V). All softmax arithmetic is fp32. The ops interface (eve
     softmax_grad(state, y, rows, coef, zcoef, xf, out_dtype) -> G_r (gradient w.r.t. raw r)
     logprobs(h, W, b, y, rows_per_chunk, xf, want_entropy) -> RowStats   (no grad)
     grad_hidden(g, W), accum_grad_weight(dW32, g, h)
+  vocabulary parallelism (backends/vocab_merge.py; y local to the shard, < 0 outside it):
+    partials(r, y, xf, want_entropy) -> ((max, rest, tgt, S1 or None), state)
+    logprob_partials(h, W, b, y, rows_per_chunk, xf, want_entropy) -> (max, rest, tgt, S1)
+    softmax_grad_merged(state, y, max, rest, logp, coef, zcoef, xf, out_dtype) -> G_r
 with xf a config.LogitTransform and RowStats from backends/rows.py (docs/design.md §9).
 """
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..config import IDENTITY, LogitTransform
-from .rows import RowStats, entropy_from
+from .rows import RowStats, rows_from
 
 _MM_FP32_OUT: dict = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
 _UPCAST_BLOCK_BYTES = 32 * 2**20
@@ -143,11 +147,21 @@ class TorchOps:
         return self._forward(r, y, xf, want_entropy, need_dz=True)
 
     def _forward(self, r, y, xf, want_entropy, need_dz):
+        (mx, rest, t, s1), (e, dz, k, _) = self._partials(r, y, xf, want_entropy, need_dz)
+        return rows_from(mx, rest, t, s1), (e, rest, dz, k)
+
+    def _partials(self, r, y, xf, want_entropy, need_dz):
+        """(max, rest, target logit, S1 or None) of z = xf(r) per row, and the state
+        (e, dz, k, max). y < 0 (a vocabulary shard without the row's target): target logit 0."""
         dz = self._dz_buffer(r) if need_dz and not xf.linear else None
         z = apply_transform(r, xf, dz)
-        t = z.gather(1, y[:, None]).squeeze(1)
+        has = y >= 0
+        t = z.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+        if not bool(has.all()):
+            t = torch.where(has, t, 0.0)
         mx, arg = z.max(dim=1, keepdim=True)
         e = z.sub_(mx).exp_()
+        s1 = None
         if want_entropy:
             # S1 = sum e log e (xlogy: 0 where e = 0, e.g. z = -inf; the arg-max's e = 1
             # gives 0); e log e = e (z - max) to fp32 rounding of e
@@ -158,10 +172,7 @@ class TorchOps:
         rest = e.sum(dim=1)
         e.scatter_(1, arg, 1.0)
         mx = mx.squeeze(1)
-        l1p = torch.log1p(rest)
-        rows = RowStats(logp=((t - mx) - l1p).clamp_(max=0.0), lse=mx + l1p, top1=t == mx,
-                        entropy=entropy_from(rest, s1) if want_entropy else None)
-        return rows, (e, rest, dz, xf.factor)
+        return (mx, rest, t, s1), (e, dz, xf.factor, mx)
 
     def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
                      out_dtype=torch.float32):
@@ -173,23 +184,37 @@ class TorchOps:
         factors, times the cap's sech^2 buffer). Returns G in fp32 (reuses e); out_dtype is
         not used (the gradient GEMMs cast)."""
         e, rest, dz, k = state
-        lp = rows.logp
-        coef = coef.float()
-        tgt = coef * torch.expm1(lp)
-        if zcoef is None:
-            row = coef / (1.0 + rest)
-        else:
-            zcoef = zcoef.float()
-            row = (coef + zcoef) / (1.0 + rest)
-            tgt = tgt + zcoef * torch.exp(lp)
-        if k != 1.0:
-            row = row * k
-            tgt = tgt * k
-        g = e.mul_(row[:, None])
-        g.scatter_(1, y[:, None], tgt[:, None])
-        if dz is not None:
-            g.mul_(dz)
-        return g
+        return _softmax_grad(e, dz, k, y, rows.logp, None, 1.0 + rest, coef, zcoef)
+
+    # -- vocabulary-parallel pieces (backends/vocab_merge.py merges the shards' partials) ----
+    def partials(self, r, y, xf=IDENTITY, want_entropy=False):
+        """((max, rest, target logit, S1 or None), state) of z = xf(r) over this shard's
+        columns (consumes r like chunk_forward); y local, < 0 where the target is in another
+        shard (target logit 0)."""
+        return self._partials(r, y, xf, want_entropy, need_dz=True)
+
+    def logprob_partials(self, h, W, b, y, rows_per_chunk, xf=IDENTITY, want_entropy=False):
+        """partials of every row, one chunk of logits at a time (one buffer), no state kept."""
+        M = h.shape[0]
+        out = [torch.empty(M, dtype=torch.float32, device=h.device)
+               for _ in range(4 if want_entropy else 3)]
+        rows_per_chunk = max(1, int(rows_per_chunk))
+        buf = logits_buffer(min(rows_per_chunk, M), W.shape[0], h.device)
+        for s in range(0, M, rows_per_chunk):
+            e = min(s + rows_per_chunk, M)
+            r = self.logits(h[s:e], W, b, None if buf is None else buf[: e - s])
+            part = TorchOps._partials(self, r, y[s:e], xf, want_entropy, need_dz=False)[0]
+            for o, v in zip(out, part):
+                o[s:e] = v
+        return out[0], out[1], out[2], (out[3] if want_entropy else None)
+
+    def softmax_grad_merged(self, state, y, mx, rest, logp, coef, zcoef=None, xf=IDENTITY,
+                            out_dtype=torch.float32):
+        """softmax_grad with the row's global (max, rest) and logp (a vocabulary shard):
+        softmax_j = e_j exp(m_local - max) / (1 + rest); no target entry where y < 0."""
+        e, dz, k, m_local = state
+        return _softmax_grad(e, dz, k, y, logp, torch.exp(m_local - mx), 1.0 + rest, coef,
+                             zcoef)
 
     # -- gradient GEMMs -----------------------------------------------------------------------
     def grad_hidden(self, g, W):
@@ -199,6 +224,32 @@ class TorchOps:
     def accum_grad_weight(self, dW32, g, h):
         """dW32 += G^T h, fp32 accumulation, no (V, H) temporary."""
         dW32.addmm_(g.T, h if h.dtype == torch.float32 else h.float())
+
+
+def _softmax_grad(e, dz, k, y, lp, num, den, coef, zcoef):
+    """G_r in e's memory: off target (coef + zcoef) num e / den, on target (y >= 0 only)
+    coef expm1(logp) + zcoef exp(logp), times dz/dr = k [* dz]; softmax = e num / den per
+    row (e = exp(z - m_e), num = exp(m_e - max) or None for 1, den = 1 + rest)."""
+    coef = coef.float()
+    tgt = coef * torch.expm1(lp)
+    if zcoef is not None:
+        zcoef = zcoef.float()
+        tgt = tgt + zcoef * torch.exp(lp)
+        coef = coef + zcoef
+    row = (coef if num is None else coef * num) / den
+    if k != 1.0:
+        row = row * k
+        tgt = tgt * k
+    g = e.mul_(row[:, None])
+    has = y >= 0
+    if bool(has.all()):
+        g.scatter_(1, y[:, None], tgt[:, None])
+    else:
+        i = has.nonzero().squeeze(1)
+        g[i, y[i]] = tgt[i]
+    if dz is not None:
+        g.mul_(dz)
+    return g
 
 
 def chunked_logprobs(ops, h, W, b, y, rows_per_chunk, xf=IDENTITY, want_entropy=False):

@@ -10,7 +10,8 @@ Transform (constexpr XF_MODE, runtime fp32 xa, xb, xg; see xf_args):
                (one exp, no 1 - tanh^2 cancellation; saturated |x| gives z = +-xb, dz/dr -> 0)
 
 _row_lse_kernel:      online over BLOCK_V tiles, per row of z: the max m_i, the target logit
-                      t_i = z_i[y_i] and rest_i = the sum of exp(z_ij - m_i) over every entry
+                      t_i = z_i[y_i] (0 when y_i < 0: the target is in another vocabulary
+                      shard) and rest_i = the sum of exp(z_ij - m_i) over every entry
                       except ONE arg-max entry (which would contribute exactly 1), so the
                       softmax denominator is 1 + rest_i and is never rounded; with
                       WANT_ENTROPY also S1_i = sum_j exp(z_ij - m_i) (z_ij - m_i) (the arg-max
@@ -19,7 +20,8 @@ _row_lse_kernel:      online over BLOCK_V tiles, per row of z: the max m_i, the 
                       p_y -> 1), lse = m + log1p(rest), top1 = (t == m),
                       entropy = log1p(rest) - S1 / (1 + rest).
 _softmax_grad_kernel: G_r = dz/dr * G_z with G_z[j] = C_i exp(z_ij - m_i) / (1 + rest_i) off
-                      target and E_i on target, where the host folds the z-loss in:
+                      target and E_i on target (no target entry when y_i < 0: a vocabulary
+                      shard without the target; m_i, rest_i may be the merged global ones), where the host folds the z-loss in:
                       C = coef + zcoef, E = coef expm1(logp) + zcoef exp(logp) (p_y - 1
                       without cancellation); fp32 arithmetic, stored in G's dtype (G may alias
                       r when the dtypes match).
@@ -40,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..config import IDENTITY, LogitTransform
-from .rows import RowStats, entropy_from
+from .rows import rows_from  # noqa: F401  (re-exported: triton_lse, triton_ops)
 from .triton_configs import epilogue_config, padded_row_stride
 
 XF_IDENTITY, XF_LINEAR, XF_CAP = 0, 1, 2
@@ -176,8 +178,13 @@ def _row_lse_kernel(R, Y, MAX, REST, TGT, S1, V, stride_rm, xa, xb,
     tl.store(REST + row + one, r)
     if WANT_ENTROPY:
         tl.store(S1 + row + one, s)
-    t = apply_transform(tl.load(r_row + tl.load(Y + row) + one).to(tl.float32), xa, xb, XF_MODE)
-    tl.store(TGT + row + one, t)
+    # y < 0: the target is outside this chunk's columns (a vocabulary shard that does not
+    # hold it): t = 0, the neutral element of the vocabulary-parallel SUM merge
+    yv = tl.load(Y + row + one)
+    has = yv >= 0
+    t = apply_transform(tl.load(r_row + tl.maximum(yv, 0), mask=has, other=0.0).to(tl.float32),
+                        xa, xb, XF_MODE)
+    tl.store(TGT + row + one, tl.where(has, t, 0.0))
 
 
 @triton.jit
@@ -210,15 +217,6 @@ def _softmax_grad_kernel(R, G, Y, MAX, REST, C, E, V, stride_rm, stride_gm, xa, 
 def logp_from(mx: torch.Tensor, rest: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """logp = (t - max) - log1p(rest), clamped to <= 0 (fp32, torch's accurate log1p)."""
     return ((tgt - mx) - torch.log1p(rest)).clamp_(max=0.0)
-
-
-def rows_from(mx, rest, tgt, s1=None) -> RowStats:
-    """RowStats of per-row (max, rest, target logit[, S1]) of the transformed logits."""
-    log1p_rest = torch.log1p(rest)
-    return RowStats(logp=((tgt - mx) - log1p_rest).clamp_(max=0.0),
-                    lse=mx + log1p_rest,
-                    top1=tgt == mx,
-                    entropy=None if s1 is None else entropy_from(rest, s1))
 
 
 def row_stats(r: torch.Tensor, y: torch.Tensor, xf: LogitTransform | None = None,

@@ -94,6 +94,14 @@ def lse_rows(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: torch.
              xf: LogitTransform | None = None, want_entropy: bool = False) -> RowStats:
     """RowStats (logp, lse, top1[, entropy]) of z = xf(h W^T + b), fp32, for h (M, H),
     W (V, H), y in [0, V): the fused tile kernel, no logits in memory."""
+    return rows_from(*lse_partials(h, W, b, y, xf, want_entropy))
+
+
+def lse_partials(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+                 xf: LogitTransform | None = None, want_entropy: bool = False):
+    """Per row of z = xf(h W^T + b): (max, rest, target logit, S1 or None), fp32, merged over
+    the kernel's vocabulary splits; y in [0, V), or < 0 for a target outside W's rows (its
+    target logit is then 0: the vocabulary-parallel merge sums the shards' target logits)."""
     M, K = h.shape
     V = W.shape[0]
     h = h.contiguous()
@@ -129,7 +137,7 @@ def lse_rows(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: torch.
     s1 = None
     if want_entropy:  # rebased S1 of every split (the max split: scale 1, m - mx = 0)
         s1 = torch.where(empty, 0.0, scale * (part[3] + (m - mx) * (r + 1.0))).sum(dim=0)
-    return rows_from(mx.squeeze(0), full.sum(dim=0), t.sum(dim=0), s1)
+    return mx.squeeze(0), full.sum(dim=0), t.sum(dim=0), s1
 
 
 def lse_forward(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,

@@ -13,6 +13,9 @@ are those of z = xf(r), the gradient is returned w.r.t. r.
                     written in the compute dtype (in r's memory when the dtypes match)
   grad_hidden       cuBLAS dH = G W
   accum_grad_weight fp32 dW += G^T h (triton_grad_weight.py for 16-bit, addmm_ for fp32)
+  partials, logprob_partials, softmax_grad_merged
+                    the vocabulary-parallel pieces (raw per-shard row partials and the
+                    gradient from merged global stats; backends/vocab_merge.py)
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from ..config import IDENTITY
 from . import triton_epilogue, triton_grad_weight, triton_lse
-from .rows import RowStats
+from .rows import RowStats, rows_from
 from .torch_ops import chunk_logits
 
 
@@ -49,7 +52,7 @@ class TritonOps:
         """Row stats of z = xf(r) for the raw fp32 chunk r (kept unchanged: softmax_grad
         reads it again); state = (r, max, rest)."""
         mx, rest, tgt, s1 = triton_epilogue.row_stats(r, y, xf, want_entropy)
-        return triton_epilogue.rows_from(mx, rest, tgt, s1), (r, mx, rest)
+        return rows_from(mx, rest, tgt, s1), (r, mx, rest)
 
     def softmax_grad(self, state, y, rows, coef, zcoef=None, xf=IDENTITY,
                      out_dtype=torch.float32):
@@ -58,12 +61,29 @@ class TritonOps:
         (logp is exact there: its denominator 1 + rest is never rounded); off target the
         kernel scales softmax by coef + zcoef."""
         r, mx, rest = state
+        return self.softmax_grad_merged(r, y, mx, rest, rows.logp, coef, zcoef, xf, out_dtype)
+
+    # -- vocabulary-parallel pieces (backends/vocab_merge.py merges the shards' partials) ----
+    def partials(self, r, y, xf=IDENTITY, want_entropy=False):
+        """((max, rest, target logit, S1 or None), state) of z = xf(r) over this shard's
+        columns; y local, < 0 where the target is in another shard (target logit 0)."""
+        return triton_epilogue.row_stats(r, y, xf, want_entropy), r
+
+    def logprob_partials(self, h, W, b, y, rows_per_chunk, xf=IDENTITY, want_entropy=False):
+        """partials of every row through the fused tile kernel (no logits in memory)."""
+        return triton_lse.lse_partials(h, W, b, y, xf, want_entropy)
+
+    def softmax_grad_merged(self, state, y, mx, rest, logp, coef, zcoef=None, xf=IDENTITY,
+                            out_dtype=torch.float32):
+        """softmax_grad with the row's (max, rest) and logp given (the merged global ones
+        under vocabulary parallelism); no target entry where y < 0."""
+        r = state
         m = r.shape[0]
         c = _row_vector("coef", coef, m, r.device)
-        e = c * torch.expm1(rows.logp)
+        e = c * torch.expm1(logp)
         if zcoef is not None:
             zc = _row_vector("zcoef", zcoef, m, r.device)
-            e = e + zc * torch.exp(rows.logp)
+            e = e + zc * torch.exp(logp)
             c = c + zc
         return triton_epilogue.softmax_grad(r, y, mx, rest, c, e, out_dtype, xf)
 

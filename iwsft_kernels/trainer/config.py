@@ -57,6 +57,8 @@ class TrainConfig:
     packing: bool = False  # pack each micro-batch into one row (position_ids restart)
     loss_backend: str = "auto"
     seed: int = 0
+    # --- distributed (the launch config says FSDP2 / DeepSpeed; this only adds to FSDP2)
+    tp_head: int = 1  # tensor-parallel size of the output head; FSDP2 over world / tp_head
     # --- reference log-probs
     ref_cache: str | None = None  # default: <output_dir>/ref_logprobs
     ref_batch_size: int = 8
@@ -114,7 +116,7 @@ _RANGES = {
     "max_steps": (1, True), "micro_batch_size": (1, True), "grad_accum": (1, True),
     "ref_batch_size": (1, True), "save_every": (0, True), "keep_checkpoints": (0, True),
     "eval_examples": (0, True), "eval_fraction": (0, False), "max_nonfinite_steps": (0, True),
-    "stop_after_steps": (1, True), "seed": (0, True),
+    "stop_after_steps": (1, True), "seed": (0, True), "tp_head": (1, True),
     "lr": (0, False), "warmup_ratio": (0, True), "weight_decay": (0, True),
     "adam_beta1": (0, True), "adam_beta2": (0, True), "max_grad_norm": (0, True),
 }
@@ -167,6 +169,9 @@ HELP = {
     "packing": "pack each micro-batch into one row (position ids restart)",
     "loss_backend": "fused-loss backend: auto (triton on CUDA, torch elsewhere), torch, triton",
     "seed": "random seed (data order, init of the embedded default model)",
+    "tp_head": "shard the output head over the vocabulary across N ranks (tensor parallel), "
+               "FSDP2 over the other world / N; needs an FSDP2 launch and an untied head "
+               "(docs/trainer.md, 'Tensor-parallel head') (default: 1, off)",
     "ref_cache": "folder of the cached reference log-probs (default: OUTPUT_DIR/ref_logprobs)",
     "ref_batch_size": "batch size of the reference log-prob pass",
     "output_dir": "where checkpoints, metrics.jsonl, summary.json and the final model go",

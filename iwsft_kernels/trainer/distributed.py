@@ -37,13 +37,21 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def make_accelerator(**kwargs):
-    """Accelerator(cpu=<no CUDA>, **kwargs), with FSDP2 kept on CPU ranks (see module doc)."""
+def make_accelerator(tp_head: int = 1, **kwargs):
+    """Accelerator(cpu=<no CUDA>, **kwargs), with FSDP2 kept on CPU ranks (see module doc).
+    tp_head > 1: the launch is checked and the Accelerator gets the 2-D (FSDP2 x TP) mesh of
+    tensor_parallel.py."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    from .tensor_parallel import check_launch, parallelism_config
+
     cpu = not torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_launch(tp_head)  # before any process group exists: a clear error, no hang
+    pc = parallelism_config(tp_head)  # None unless tp_head > 1
+    if pc is not None and not cpu:
+        kwargs["parallelism_config"] = pc
     if cpu and world > 1 and _env_flag("ACCELERATE_USE_DEEPSPEED"):
         # accelerate's DeepSpeed path needs cpu=False; name the gloo backend for DeepSpeed's CPU
         # accelerator (accelerate finds no device backend without CUDA)
@@ -69,6 +77,12 @@ def make_accelerator(**kwargs):
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
+    if pc is not None and cpu:
+        # accelerate refuses a ParallelismConfig on MULTI_CPU, the state before FSDP2 was
+        # turned on above: attach it now, as Accelerator.__init__ does (mesh over gloo)
+        state.parallelism_config = pc
+        state.device_mesh = pc.get_device_mesh(acc.device.type)
+        pc._validate_accelerator(acc)
     return acc
 
 
@@ -84,6 +98,9 @@ def describe(acc) -> str:
                                                          str(acc.distributed_type))
     backend = getattr(acc.state, "backend", None)
     nodes = num_nodes(acc)
+    pc = getattr(acc, "parallelism_config", None)
+    if pc is not None and pc.tp_enabled:
+        kind += f" x tensor-parallel head ({pc.dp_shard_size} x {pc.tp_size})"
     where = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
     if acc.num_processes > 1:
         where += f" ({backend}, {acc.device.type}" + (f", {nodes} nodes" if nodes > 1 else "") + ")"
@@ -162,8 +179,12 @@ def prepare_reference_model(acc, load):
     if is_fsdp(acc):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        ref_model = fsdp2_prepare_model(acc, ref_model)
-        placement = f"sharded (FSDP2) over {acc.num_processes} ranks"
+        from .tensor_parallel import data_parallel, tp_size
+
+        ref_model = fsdp2_prepare_model(acc, ref_model)  # --tp-head: over "dp_shard" only
+        placement = f"sharded (FSDP2) over {data_parallel(acc)[1]} ranks"
+        if tp_size(acc) > 1:
+            placement += f", replicated across the {tp_size(acc)} ranks of each tp group"
     else:
         ref_model = ref_model.to(acc.device)
         placement = "replicated" if acc.num_processes > 1 else "one process"

@@ -26,6 +26,7 @@ from .loading import (ModelLoadError, check_model_name, load_model, load_tokeniz
                       prepare_policy)
 from .metrics import evaluate
 from ..refcache import compute_ref_logprobs, fingerprint_parts
+from . import tensor_parallel as tp  # --tp-head: the hooks marked "tp:" below
 from .sampler import StepSampler
 from .step import FIRST_STEP_KEYS
 
@@ -71,7 +72,13 @@ class Run:
 
     @property
     def world(self) -> int:
-        return self.acc.num_processes
+        """Ranks the data is split over (tp: the dp ranks; the processes otherwise)."""
+        return tp.data_parallel(self.acc)[1]
+
+    @property
+    def rank(self) -> int:
+        """This process's data rank (tp: its dp rank; the process index otherwise)."""
+        return tp.data_parallel(self.acc)[0]
 
     @property
     def metrics_file(self) -> Path:
@@ -125,7 +132,7 @@ def setup(cfg: TrainConfig) -> Run:
     bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     log_with = _log_with(cfg)
     # cpu=True without CUDA: launched CPU processes form a gloo group; FSDP2 kept on CPU ranks
-    acc = make_accelerator(mixed_precision="bf16" if bf16 else "no",
+    acc = make_accelerator(tp_head=cfg.tp_head, mixed_precision="bf16" if bf16 else "no",
                            gradient_accumulation_steps=cfg.grad_accum, log_with=log_with,
                            project_dir=str(cfg.output_dir))
     acc.print(describe(acc))
@@ -194,6 +201,7 @@ def build_policy(r: Run) -> None:
         raise ModelLoadError(f"tokenizer has {len(r.tok)} tokens but the model's vocabulary is "
                              f"{model.config.vocab_size}")
     prepare_policy(model, cfg, r.iw)
+    tp_report = tp.parallelize_head(acc, model)  # tp: lm_head weight Shard(0) over "tp"
     r.sampler = StepSampler(len(r.examples), cfg.micro_batch_size * cfg.grad_accum * r.world,
                             cfg.seed, quality=[ex.quality for ex in r.examples]
                             if cfg.sampling == "quality" else None)
@@ -207,11 +215,12 @@ def build_policy(r: Run) -> None:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     configure_deepspeed(acc, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
-    r.model, r.opt = acc.prepare(model, opt)
+    r.model, r.opt = tp.prepare(acc, model, opt)  # tp: acc.prepare, FSDP2 over "dp_shard"
     # after prepare: DeepSpeed rebuilds the optimizer's param groups
     r.sched = lr_schedule(r.opt, math.ceil(cfg.warmup_ratio * r.total), r.total)
     acc.register_for_checkpointing(r.sched)  # stepped by hand: once per optimizer step
     r.dist_report = sharding_report(acc, r.model)
+    r.dist_report.update(tp_report)
     r.say(f"policy: {r.dist_report['param_mib_per_rank']:.1f} MiB of parameters per rank (full "
           f"model {r.dist_report['param_mib_full']:.1f} MiB)")
 
@@ -242,7 +251,8 @@ def reference_logprobs(r: Run) -> None:
     parts = fingerprint_parts(r.data, r.tok, ref_id, cfg.max_length)
     cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else r.out_dir / "ref_logprobs"
     t0 = time.perf_counter()
-    r.ref = compute_ref_logprobs(acc, ref_model, r.data, cache_dir, parts, r.tok.pad_token_id,
+    r.ref = compute_ref_logprobs(tp.data_view(acc),  # tp: work dealt by dp rank
+                                 ref_model, r.data, cache_dir, parts, r.tok.pad_token_id,
                                  cfg.ref_batch_size)
     r.say(f"reference log-probs ({ref_name}): {cache_dir} ({time.perf_counter() - t0:.1f} s)")
     if cfg.ref_model:

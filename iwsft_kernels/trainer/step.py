@@ -20,6 +20,7 @@ from ..report import write_last_step_weights
 from .data import collate
 from .guard import step_is_nonfinite
 from .metrics import FUSED_OUTPUTS, OUTPUTS_KW, _to, micro_stats, sequence_weights, step_metrics
+from . import tensor_parallel as tp  # --tp-head: the hooks marked "tp:" below
 from .sampler import rank_micro_batches
 
 
@@ -43,7 +44,7 @@ def train_step(r, step: int) -> tuple[dict, list[float]]:
     D = sum(r.examples[i].n_targets for i in gidx)  # global target tokens of this step
     rows, seq_w, gnorm, lr_now = [], [], float("nan"), r.sched.get_last_lr()[0]
     nonfinite = False
-    for mb in rank_micro_batches(gidx, r.lengths, acc.process_index, r.world,
+    for mb in rank_micro_batches(gidx, r.lengths, r.rank, r.world,
                                  cfg.micro_batch_size):
         with acc.accumulate(model):
             batch = collate([r.examples[i] for i in mb], r.tok.pad_token_id,
@@ -68,7 +69,7 @@ def train_step(r, step: int) -> tuple[dict, list[float]]:
     r.state["nonfinite_streak"] = streak
     r.state["nonfinite_steps"] = r.state.get("nonfinite_steps", 0) + int(nonfinite)
     local = torch.stack(rows)
-    allrows = acc.gather(local.to(dev)).cpu() if r.world > 1 else local
+    allrows = tp.gather_rows(acc, local)  # tp: one rank per tp group
     dt = time.perf_counter() - t0
     m = {"step": step + 1, "epoch": (step + 1) / r.sampler.steps_per_epoch,
          **step_metrics(allrows), "lr": lr_now, "grad_norm": gnorm,
@@ -85,10 +86,7 @@ def record_step(r, m: dict, seq_w: list[float]) -> None:
     r.history.append(m)
     if m["step"] == 1:  # kept in the checkpoints: the summary's "first step" after a resume
         r.state["first_step"] = {k: m[k] for k in FIRST_STEP_KEYS}
-    if r.world > 1:
-        from accelerate.utils import gather_object
-
-        seq_w = gather_object(seq_w)
+    seq_w = tp.gather_list(acc, seq_w)  # tp: one rank per tp group
     if acc.is_main_process:
         w_lo, w_hi = r.iw.bounds if r.iw.mode != "sft" else (None, None)
         write_last_step_weights(r.out_dir, trainer="iwsft-train", step=m["step"],
