@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
         learning_rate=a.lr if a.lr is not None else (1e-5 if a.model else 1e-3),
         lr_scheduler_type="cosine", warmup_steps=0.05,  # a float < 1: ratio
         weight_decay=1e-4, adam_beta2=0.95,
-        bf16=cuda, gradient_checkpointing=cuda,  # bf16 on GPUs; fp32 on the CPU
+        bf16=cuda, activation_checkpointing=cuda,  # bf16 on GPUs; fp32 on the CPU
+        dataloader_pin_memory=cuda,  # pinned host memory only feeds a GPU
         logging_steps=1, report_to="none", seed=0,
         save_strategy="no")  # no intermediate checkpoints; the final model is saved below
     t0 = time.perf_counter()

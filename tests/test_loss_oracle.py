@@ -129,7 +129,7 @@ def test_sft_equals_cross_entropy(backend, device, rng):
     out = linear_iwsft_loss(h2, W2, inp["labels"], bias=inp["bias"], config=IWConfig(mode="sft"),
                             backend=backend)
     out.loss.backward()
-    assert abs(float(out.loss) - float(ce)) < 1e-5 * float(ce)
+    assert abs(out.loss.item() - ce.item()) < 1e-5 * ce.item()
     assert rel(h2.grad, gh) < 1e-5 and rel(W2.grad, gw) < 1e-5
 
 
@@ -168,7 +168,7 @@ def test_all_positions_ignored(backend, device, rng, mode):
     out = linear_iwsft_loss(h, W, inp["labels"], inp["ref_logprobs"], bias=b,
                             config=IWConfig(mode=mode), backend=backend)
     out.loss.backward()
-    assert float(out.loss) == 0.0
+    assert out.loss.item() == 0.0
     for g in (h.grad, W.grad, b.grad):
         assert g is not None and torch.isfinite(g).all() and float(g.abs().max()) == 0.0
     assert (out.token_weights == 0).all() and (out.seq_weights == 0).all()

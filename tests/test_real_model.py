@@ -178,7 +178,8 @@ def trl_args(tmp_path, **kw):
                 learning_rate=1e-4, max_grad_norm=0.0, bf16=False, use_cpu=True,
                 report_to="none", logging_steps=1, save_strategy="no", seed=0,
                 dataloader_num_workers=0, disable_tqdm=True,
-                ref_cache_dir=str(tmp_path / "cache"), gradient_checkpointing=False)
+                ref_cache_dir=str(tmp_path / "cache"), activation_checkpointing=False,
+                dataloader_pin_memory=False)
     return IWSFTConfig(**(base | kw))
 
 

@@ -21,12 +21,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from test_distributed import (COMMON, REPO, TWO, _env, _launch_cmd,  # noqa: E402
                               _one_process, _save_model, assert_same_run, final_params,
-                              fresh_accelerate_state, metrics)
+                              metrics)
 
 from iwsft_kernels.trainer import tensor_parallel as tp  # noqa: E402
 from iwsft_kernels.trainer.cli import main  # noqa: E402
 
-assert fresh_accelerate_state  # the autouse fixture, imported to apply here too
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/trainer/conftest.py
 V = 151936
 
 

@@ -61,8 +61,14 @@ class IWSFTConfig(SFTConfig):
     max_nonfinite_steps: int = field(default=3, metadata={
         "help": "Optimizer steps with a non-finite loss or gradient are skipped (no update) and "
                 "counted; this many in a row stop training with an error (0 or 1: the first)."})
+    # TRL's default gradient_checkpointing=True uses the name transformers 5 deprecates, so every
+    # SFTConfig() warns. Unset here; TRL's default goes to the current name in __post_init__.
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Deprecated alias of activation_checkpointing (default: True, as in TRL)."})
 
     def __post_init__(self):
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", 0) is None:
+            self.activation_checkpointing = True
         super().__post_init__()
         self.iw_config  # noqa: B018 - validates the weighting options (IWConfig raises)
         if self.iw_backend not in ("auto", "triton", "torch"):
