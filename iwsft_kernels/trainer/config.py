@@ -60,6 +60,7 @@ class TrainConfig:
     # --- distributed (the launch config says FSDP2 / DeepSpeed; this only adds to FSDP2)
     tp_head: int = 1  # tensor-parallel size of the output head; FSDP2 over world / tp_head
     # --- reference log-probs
+    zero_reference: bool = False  # log q_ref = 0 for every token, no reference pass (DFT)
     ref_cache: str | None = None  # default: <output_dir>/ref_logprobs
     ref_batch_size: int = 8
     # --- outputs
@@ -172,6 +173,9 @@ HELP = {
     "tp_head": "shard the output head over the vocabulary across N ranks (tensor parallel), "
                "FSDP2 over the other world / N; needs an FSDP2 launch and an untied head "
                "(docs/trainer.md, 'Tensor-parallel head') (default: 1, off)",
+    "zero_reference": "use log q_ref = 0 (no reference model). token mode + clip [0, 1] = DFT. "
+                      "No reference pass and no reference cache; excludes --ref-model, "
+                      "--ref-cache and --mode sft (default: false)",
     "ref_cache": "folder of the cached reference log-probs (default: OUTPUT_DIR/ref_logprobs)",
     "ref_batch_size": "batch size of the reference log-prob pass",
     "output_dir": "where checkpoints, metrics.jsonl, summary.json and the final model go",
@@ -382,6 +386,15 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the "
                           "run in the output folder, --overwrite deletes it")
+    if cfg.zero_reference:
+        if cfg.mode == "sft":
+            raise ConfigError("--zero-reference only applies to --mode token or sequence "
+                              "(--mode sft uses no reference: its weights are 1)")
+        for name in ("ref_model", "ref_cache"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(f"--zero-reference and --{name.replace('_', '-')} exclude "
+                                  f"each other: --zero-reference uses log q_ref = 0 and runs no "
+                                  f"reference pass")
     try:
         IWConfig(**cfg.iw_kwargs())
     except ValueError as e:

@@ -227,9 +227,14 @@ def build_policy(r: Run) -> None:
 
 def reference_logprobs(r: Run) -> None:
     """q_ref's log-probs of every example, before any update (cached on disk): the starting
-    model (the prepared policy itself) unless --ref-model."""
+    model (the prepared policy itself) unless --ref-model. --zero-reference: log q_ref = 0 for
+    every token, no reference pass and nothing cached (token mode, T 1, clip [0, 1]: DFT)."""
     cfg, acc = r.cfg, r.acc
     if not r.iw.needs_reference:
+        return
+    if cfg.zero_reference:
+        r.ref = [torch.zeros(len(ex.input_ids), dtype=torch.float32) for ex in r.examples]
+        r.say("reference log-probs: 0 for every token (--zero-reference: no reference pass)")
         return
     ref_name = cfg.ref_model or cfg.model
     if cfg.ref_model:
