@@ -18,7 +18,7 @@ import torch
 from .. import IWConfig
 from ..integrations import apply_iwsft_to_model
 from .checkpoint import load_latest
-from .config import ASSETS, DEFAULT_MODEL, TrainConfig
+from .config import ASSETS, DEFAULT_MODEL, TrainConfig, check_config
 from .data import TokenizedData, hold_out, load_records, tokenize_dataset
 from .distributed import (configure_deepspeed, describe, make_accelerator, model_freed,
                           param_ndim, prepare_reference_model, sharding_report)
@@ -128,6 +128,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Accelerator, data, policy + optimizer, reference log-probs, resume state, eval before."""
     from accelerate.utils import set_seed
 
+    check_config(cfg)  # the options together (parse_config checks them too; train(cfg) too)
     t_start = time.perf_counter()
     bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     log_with = _log_with(cfg)

@@ -14,8 +14,8 @@ curated data are samples of q = the starting model, and q is the reference polic
 4. Fine-tuning through the project's trainer (`iwsft_kernels.trainer.loop.train`, the code
    behind `iwsft-train`, in-process with the JSONL `messages` data): SFT, iw-SFT sequence and
    token (package defaults), DFT (token mode, reference log-probs 0, T 1, clip [0, 1]: w = p_y,
-   stop-grad; the trainer has no flag for a zero reference, so `zero_reference()` replaces its
-   reference pass by zeros for that run). Reference log-probs otherwise: the trainer's default,
+   stop-grad: the trainer's `zero_reference` option, `iwsft-train --zero-reference`, no
+   reference pass). Reference log-probs otherwise: the trainer's default,
    the starting model = the data-generating policy; one cache per seed, shared by the methods.
 5. Greedy test accuracy of every fine-tuned model; weight statistics per step (metrics.jsonl).
 
@@ -29,7 +29,6 @@ under outputs/smollm2-rft[-quick]/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -79,7 +78,8 @@ METHODS = {
     "SFT": {"mode": "sft"},
     "iw-SFT (sequence)": {"mode": "sequence"},          # T 1, clip [0, 16], length-normalised
     "iw-SFT (token)": {"mode": "token"},                 # T 1, clip [0.2, 1.8]
-    "DFT": {"mode": "token", "temperature": 1.0, "w_min": 0.0, "w_max": 1.0, "zero_ref": True},
+    "DFT": {"mode": "token", "temperature": 1.0, "w_min": 0.0, "w_max": 1.0,
+            "zero_reference": True},
 }
 
 
@@ -96,25 +96,6 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def zero_reference():
-    """DFT: the trainer's reference pass returns log q = 0 for every token (w = p_y)."""
-    import torch
-
-    from iwsft_kernels.trainer import setup as loop  # where the run computes its reference
-
-    real = loop.compute_ref_logprobs
-
-    def zeros(accelerator, model, data, *a, **kw):
-        return [torch.zeros(len(ex.input_ids), dtype=torch.float32) for ex in data.examples]
-
-    loop.compute_ref_logprobs = zeros
-    try:
-        yield
-    finally:
-        loop.compute_ref_logprobs = real
 
 
 # ------------------------------------------------------------------------------ units of work
@@ -208,16 +189,15 @@ def unit_train(ctx: dict, method: str, seed: int) -> dict:
 
     sc, work = ctx["sc"], ctx["work"]
     args = dict(METHODS[method])
-    zero = args.pop("zero_ref", False)
+    zero = args.get("zero_reference", False)
     out = work / f"seed{seed}" / slug(method)
     shutil.rmtree(out, ignore_errors=True)  # a half-finished earlier attempt
     t0 = time.perf_counter()
-    with (zero_reference() if zero else contextlib.nullcontext()):
-        s = run_trainer(model=ctx["model"], data=str(curated_path(work, seed)), lr=sc.lr,
-                        epochs=sc.epochs, micro_batch_size=sc.batch, grad_accum=1, seed=seed,
-                        output_dir=str(out), max_length=sc.max_length, eval_examples=8,
-                        ref_cache=None if zero else str(work / f"seed{seed}" / "ref_logprobs"),
-                        ref_batch_size=8, **args)
+    s = run_trainer(model=ctx["model"], data=str(curated_path(work, seed)), lr=sc.lr,
+                    epochs=sc.epochs, micro_batch_size=sc.batch, grad_accum=1, seed=seed,
+                    output_dir=str(out), max_length=sc.max_length, eval_examples=8,
+                    ref_cache=None if zero else str(work / f"seed{seed}" / "ref_logprobs"),
+                    ref_batch_size=8, **args)
     train_s = time.perf_counter() - t0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     test, _ = task.splits(sc.task_seed, sc.n_test, sc.n_train)
@@ -256,7 +236,7 @@ def needs_ref(name: str) -> int | None:
     if kind != "train":
         return None
     m = METHODS[rest[0]]
-    return None if m["mode"] == "sft" or m.get("zero_ref") else int(rest[1])
+    return None if m["mode"] == "sft" or m.get("zero_reference") else int(rest[1])
 
 
 def worker(ctx: dict, names: list[str]) -> None:
