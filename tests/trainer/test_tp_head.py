@@ -20,8 +20,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from test_distributed import (COMMON, REPO, TWO, _env, _launch_cmd,  # noqa: E402
-                              _one_process, _save_model, assert_same_run, final_params,
-                              metrics)
+                              _one_process, _save_model, assert_resumed_exactly, assert_same_run)
 
 from iwsft_kernels.trainer import tensor_parallel as tp  # noqa: E402
 from iwsft_kernels.trainer.cli import main  # noqa: E402
@@ -72,15 +71,7 @@ def test_fsdp2_x_tp_head_4_ranks_equal_one_process_and_resume_exact(untied, tmp_
     launch_4(args + ["--stop-after-steps", "2"], part)
     assert not (part / "final").exists()
     log = launch_4(args + ["--resume"], part)
-    assert "resumed from" in log and "step-0000002" in log
-    assert [m["step"] for m in metrics(part)] == [1, 2, 3]
-    for a, b in zip(metrics(part), metrics(full)):
-        for k in ("loss", "grad_norm", "weight_mean", "lr"):
-            assert a[k] == b[k], k
-    pa, pb = final_params(part), final_params(full)
-    assert sorted(pa) == sorted(pb)
-    for k in pb:
-        assert torch.equal(pa[k], pb[k]), k
+    assert_resumed_exactly(part, full, log)
 
     # the gathered final folder: an ordinary untied transformers model on one process
     from transformers import AutoModelForCausalLM
